@@ -1,0 +1,317 @@
+"""Model builders: MLPs, residual MLPs, small CNNs and deep linear networks.
+
+Every builder takes the same options -- ``activation``, ``norm``, ``init`` (a scheme of
+:mod:`nnopt_utils.init`) and ``seed`` -- so an experiment changes one thing at a time.
+Models are plain ``nn.Module`` s; ``torch.func.functional_call`` works on all of them, which is
+how :func:`nnopt_utils.train.sweep` trains many copies at once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .init import initialize
+
+__all__ = ["ACTIVATIONS", "NORMS", "activation", "MLP", "mlp", "ResidualMLP", "residual_mlp",
+           "DeepLinear", "small_cnn"]
+
+
+class _Elementwise(nn.Module):
+    def __init__(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.name, self.fn = name, fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+#: elementwise nonlinearities by name; each maps a tensor to a tensor
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "linear": lambda x: x,
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "erf": torch.erf,
+    "gelu": nn.functional.gelu,
+    "selu": nn.functional.selu,
+    "softplus": nn.functional.softplus,
+    "leaky_relu": nn.functional.leaky_relu,
+}
+
+NORMS = ("none", "batch", "layer", "group", "weight")
+
+
+def activation(name: str) -> nn.Module:
+    """The activation ``name`` as a module; see :data:`ACTIVATIONS`."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of: {', '.join(ACTIVATIONS)}")
+    return _Elementwise(name, ACTIVATIONS[name])
+
+
+# builders take an argument called ``activation``; this alias keeps the function reachable
+_make_activation = activation
+
+
+def _check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
+
+
+def _norm_layer(norm: str, width: int, groups: int = 8) -> nn.Module | None:
+    if norm == "batch":
+        return nn.BatchNorm1d(width)
+    if norm == "layer":
+        return nn.LayerNorm(width)
+    if norm == "group":
+        g = math.gcd(groups, width)
+        return nn.GroupNorm(g, width)
+    return None
+
+
+def _positive_int(name: str, v) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+class MLP(nn.Sequential):
+    """A fully connected network: ``[Linear -> norm -> activation] * depth -> Linear``.
+
+    ``layers`` lists its Linear layers in order (the hooks of :mod:`nnopt_utils.signal` use it).
+    """
+
+    @property
+    def layers(self) -> list[nn.Linear]:
+        return [m for m in self.modules() if isinstance(m, nn.Linear)]
+
+
+def mlp(
+    in_dim: int,
+    hidden: Sequence[int],
+    out_dim: int,
+    *,
+    activation: str = "relu",
+    norm: str = "none",
+    bias: bool = True,
+    init: str = "kaiming",
+    std: float | None = None,
+    gain: float = 1.0,
+    seed: int | None = None,
+) -> MLP:
+    """Build an :class:`MLP` with hidden widths ``hidden`` (``depth = len(hidden)``).
+
+    ``norm='weight'`` reparametrizes every Linear layer as ``g * v / ||v||`` (Salimans and
+    Kingma, 2016); the other norms insert a normalization layer after each hidden Linear.
+    """
+    _positive_int("in_dim", in_dim)
+    _positive_int("out_dim", out_dim)
+    for h in hidden:
+        _positive_int("hidden width", h)
+    _check_norm(norm)
+    _make_activation(activation)  # validate the name before building
+    dims = [in_dim, *hidden]
+    mods: list[nn.Module] = []
+    for i, o in zip(dims[:-1], dims[1:]):
+        mods.append(nn.Linear(i, o, bias=bias))
+        layer = _norm_layer(norm, o)
+        if layer is not None:
+            mods.append(layer)
+        mods.append(_make_activation(activation))
+    mods.append(nn.Linear(dims[-1], out_dim, bias=bias))
+    model = MLP(*mods)
+    initialize(model, init, std=std, gain=gain, seed=seed)
+    if norm == "weight":
+        for idx, m in enumerate(model):
+            if isinstance(m, nn.Linear):
+                model[idx] = nn.utils.parametrizations.weight_norm(m)
+    return model
+
+
+class ResidualBlock(nn.Module):
+    """``x -> x + alpha * branch(x)`` with a pre-activation branch of ``branch_depth`` layers."""
+
+    def __init__(self, width: int, branch_depth: int, activation_name: str, norm: str,
+                 alpha: float, bias: bool):
+        super().__init__()
+        mods: list[nn.Module] = []
+        for _ in range(branch_depth):
+            layer = _norm_layer(norm, width)
+            if layer is not None:
+                mods.append(layer)
+            mods += [_make_activation(activation_name), nn.Linear(width, width, bias=bias)]
+        self.branch = nn.Sequential(*mods)
+        self.alpha = alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.alpha * self.branch(x)
+
+
+class ResidualMLP(nn.Module):
+    """``Linear(in, width) -> n_blocks residual blocks -> activation -> Linear(width, out)``."""
+
+    def __init__(self, in_dim: int, width: int, n_blocks: int, out_dim: int, *,
+                 branch_depth: int = 2, activation: str = "relu", norm: str = "none",
+                 alpha: float = 1.0, bias: bool = True):
+        super().__init__()
+        self.stem = nn.Linear(in_dim, width, bias=bias)
+        self.blocks = nn.ModuleList(
+            ResidualBlock(width, branch_depth, activation, norm, alpha, bias)
+            for _ in range(n_blocks)
+        )
+        self.head_act = _make_activation(activation)
+        self.head = nn.Linear(width, out_dim, bias=bias)
+        self.branch_depth = branch_depth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.head_act(x))
+
+
+def residual_mlp(
+    in_dim: int,
+    width: int,
+    n_blocks: int,
+    out_dim: int,
+    *,
+    branch_depth: int = 2,
+    activation: str = "relu",
+    norm: str = "none",
+    alpha: float | str = 1.0,
+    bias: bool = True,
+    init: str = "kaiming",
+    zero_init_branches: bool = False,
+    seed: int | None = None,
+) -> ResidualMLP:
+    """Build a :class:`ResidualMLP`.
+
+    ``alpha`` scales every branch; ``alpha='1/sqrt(L)'`` uses ``1/sqrt(n_blocks)``, which
+    keeps the forward variance bounded (it grows like ``(1 + alpha^2)^L``).
+    ``zero_init_branches`` zeroes the last layer of every branch ("ReZero"/"SkipInit"-style);
+    ``init='fixup'`` applies the full Fixup rule (:func:`nnopt_utils.init.fixup_`).
+    """
+    for name, v in (("in_dim", in_dim), ("width", width), ("out_dim", out_dim),
+                    ("branch_depth", branch_depth)):
+        _positive_int(name, v)
+    if not isinstance(n_blocks, int) or n_blocks < 0:
+        raise ValueError(f"n_blocks must be a non-negative int, got {n_blocks!r}")
+    _check_norm(norm)
+    if norm == "weight":
+        raise ValueError("norm 'weight' is not supported in residual_mlp; choose one of: "
+                         "none, batch, layer, group")
+    _make_activation(activation)  # validate the name before building
+    if isinstance(alpha, str):
+        if alpha != "1/sqrt(L)":
+            raise ValueError(f"unknown alpha {alpha!r}; give a number or '1/sqrt(L)'")
+        alpha = 1.0 / math.sqrt(max(n_blocks, 1))
+    model = ResidualMLP(in_dim, width, n_blocks, out_dim, branch_depth=branch_depth,
+                        activation=activation, norm=norm, alpha=float(alpha), bias=bias)
+    initialize(model, init, seed=seed)
+    if zero_init_branches:
+        with torch.no_grad():
+            for block in model.blocks:
+                [m for m in block.branch if isinstance(m, nn.Linear)][-1].weight.zero_()
+    return model
+
+
+class DeepLinear(nn.Module):
+    """A deep linear network ``x -> W_N ... W_1 x`` with ``dims = [d_0, d_1, ..., d_N]``.
+
+    ``init``: ``normal`` (entries ``N(0, std^2)``), ``orthogonal`` (scaled by ``gain``) or
+    ``balanced`` (Arora et al., 2019: ``W_j^T W_j = W_{j-1} W_{j-1}^T`` at initialization,
+    from the SVD of a random end-to-end matrix of scale ``std``).
+    """
+
+    INITS = ("normal", "orthogonal", "balanced")
+
+    def __init__(self, dims: Sequence[int], *, init: str = "normal", std: float = 0.1,
+                 gain: float = 1.0, seed: int | None = None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if len(dims) < 2:
+            raise ValueError(f"dims needs at least 2 entries, got {list(dims)!r}")
+        for d in dims:
+            _positive_int("dimension", d)
+        if init not in self.INITS:
+            raise ValueError(f"unknown init {init!r}; choose one of: {', '.join(self.INITS)}")
+        g = None if seed is None else torch.Generator().manual_seed(seed)
+        from .init import orthogonal_matrix
+
+        mats = []
+        if init == "balanced":
+            N, k = len(dims) - 1, min(dims)
+            A = torch.randn(dims[-1], dims[0], generator=g, dtype=torch.float64) * std
+            U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+            U, S, Vh = U[:, :k], S[:k], Vh[:k]
+            root = torch.diag(S ** (1.0 / N))
+            for j in range(N):
+                o, i = dims[j + 1], dims[j]
+                W = torch.zeros(o, i, dtype=torch.float64)
+                if j == 0:
+                    W[:k] = root @ Vh
+                elif j == N - 1:
+                    W[:, :k] = U @ root
+                else:
+                    W[:k, :k] = root
+                mats.append(W.to(dtype))
+        else:
+            for i, o in zip(dims[:-1], dims[1:]):
+                if init == "normal":
+                    mats.append(torch.randn(o, i, generator=g, dtype=dtype) * std)
+                else:
+                    mats.append(orthogonal_matrix(o, i, generator=g, dtype=dtype) * gain)
+        self.weights = nn.ParameterList(nn.Parameter(W) for W in mats)
+        self.dims = list(dims)
+
+    def product(self) -> torch.Tensor:
+        """The end-to-end matrix ``W_N ... W_1`` of shape (d_N, d_0)."""
+        P = self.weights[0]
+        for W in self.weights[1:]:
+            P = W @ P
+        return P
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for W in self.weights:
+            x = x @ W.T
+        return x
+
+
+def small_cnn(
+    in_channels: int = 1,
+    n_classes: int = 10,
+    *,
+    width: int = 16,
+    depth: int = 2,
+    activation: str = "relu",
+    norm: str = "none",
+    init: str = "kaiming",
+    seed: int | None = None,
+) -> nn.Sequential:
+    """``depth`` 3x3 conv layers (``width`` channels) -> global average pool -> Linear."""
+    _positive_int("width", width)
+    _positive_int("depth", depth)
+    _check_norm(norm)
+    mods: list[nn.Module] = []
+    c = in_channels
+    for _ in range(depth):
+        mods.append(nn.Conv2d(c, width, 3, padding=1))
+        if norm == "batch":
+            mods.append(nn.BatchNorm2d(width))
+        elif norm in ("group", "layer"):
+            mods.append(nn.GroupNorm(1 if norm == "layer" else math.gcd(8, width), width))
+        elif norm == "weight":
+            raise ValueError("norm 'weight' is not supported in small_cnn; choose one of: "
+                             "none, batch, layer, group")
+        mods.append(_make_activation(activation))
+        c = width
+    mods += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, n_classes)]
+    model = nn.Sequential(*mods)
+    initialize(model, init, seed=seed)
+    return model

@@ -1,0 +1,115 @@
+"""Structure of the book: toc <-> notebooks, clean notebooks, chapter anatomy, citations."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAPTERS = sorted((ROOT / "chapters").rglob("*.ipynb"))
+CHAPTERS = [p for p in CHAPTERS if ".ipynb_checkpoints" not in p.parts]
+CITE = re.compile(r"\{cite(?::[a-z]+)?\}`([^`]+)`")
+
+
+def toc_files() -> list[str]:
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [toc["root"]]
+    for part in toc.get("parts", []):
+        for ch in part.get("chapters", []):
+            files.append(ch["file"])
+            files += [s["file"] for s in ch.get("sections", [])]
+    return files
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def source(cell: dict) -> str:
+    src = cell["source"]
+    return "".join(src) if isinstance(src, list) else src
+
+
+def tags(cell: dict) -> list[str]:
+    return cell.get("metadata", {}).get("tags", [])
+
+
+def bib_keys() -> list[str]:
+    return re.findall(r"^@\w+\{([^,\s]+),", (ROOT / "references.bib").read_text(), re.M)
+
+
+def test_there_are_chapters():
+    assert CHAPTERS, "no notebooks under chapters/"
+
+
+def test_toc_matches_notebooks():
+    listed = set(toc_files())
+    for f in listed:
+        assert any((ROOT / (f + ext)).exists() for ext in ("", ".ipynb", ".md")), f"toc lists missing {f}"
+    on_disk = {str(p.relative_to(ROOT).with_suffix("")) for p in CHAPTERS}
+    assert on_disk - listed == set(), f"notebooks missing from _toc.yml: {sorted(on_disk - listed)}"
+
+
+def test_chapter_numbers_are_unique_and_ordered():
+    numbers = [int(p.name[:2]) for p in CHAPTERS]
+    assert len(numbers) == len(set(numbers)), f"duplicate chapter numbers: {numbers}"
+    toc_numbers = [int(Path(f).name[:2]) for f in toc_files() if f.startswith("chapters/")]
+    assert toc_numbers == sorted(toc_numbers), f"_toc.yml lists chapters out of order: {toc_numbers}"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_notebook_has_no_outputs(path):
+    for cell in load(path)["cells"]:
+        if cell["cell_type"] == "code":
+            assert not cell.get("outputs"), f"{path.name}: committed outputs"
+            assert cell.get("execution_count") is None, f"{path.name}: execution counts"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_chapter_anatomy(path):
+    cells = load(path)["cells"]
+    md = "\n".join(source(c) for c in cells if c["cell_type"] == "markdown")
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert cells[0]["cell_type"] == "markdown" and source(cells[0]).startswith("# "), \
+        f"{path.name}: must open with a '# Title' markdown cell"
+    assert "Survey" in source(cells[0]) or "survey" in source(cells[0]), \
+        f"{path.name}: the opening cell must name the survey sections it covers"
+    setup = code[0]
+    assert "nu.setup(" in source(setup) and "hide-input" in tags(setup), \
+        f"{path.name}: first code cell must be the hide-input setup cell calling nu.setup()"
+    repo = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
+    assert f"git+{repo}" in source(setup), \
+        f"{path.name}: the setup cell must install nnopt_utils from {repo}"
+    checks = [c for c in code if "remove-cell" in tags(c) and "claims.check(" in source(c)]
+    assert len(checks) >= 3, f"{path.name}: needs check cells (tag remove-cell, claims.check)"
+    n_ex = len(re.findall(r"```\{exercise\}", md))
+    n_sol = len(re.findall(r"```\{solution\}", md))
+    assert n_ex >= 3, f"{path.name}: needs at least 3 exercises, has {n_ex}"
+    assert n_sol >= n_ex, f"{path.name}: {n_ex} exercises but {n_sol} solutions"
+    assert "What this chapter verified" in md, f"{path.name}: missing the verified-claims table"
+    assert any("claims.table()" in source(c) for c in code), \
+        f"{path.name}: the verified table must be built by claims.table()"
+    assert re.search(r"\{prf:(theorem|lemma|proposition)\}", md), \
+        f"{path.name}: needs at least one typeset theorem, lemma or proposition"
+    assert "{prf:proof}" in md, f"{path.name}: needs at least one typeset proof"
+
+
+def test_bib_keys_unique():
+    keys = bib_keys()
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    assert not dupes, f"duplicate keys in references.bib: {dupes}"
+
+
+def test_every_cite_key_exists():
+    keys = set(bib_keys())
+    sources = [(p, "\n".join(source(c) for c in load(p)["cells"])) for p in CHAPTERS]
+    sources += [(p, p.read_text()) for p in ROOT.glob("*.md")]
+    missing = []
+    for p, text in sources:
+        for group in CITE.findall(text):
+            missing += [(p.name, k.strip()) for k in group.split(",") if k.strip() not in keys]
+    assert not missing, f"cite keys not in references.bib: {missing}"
