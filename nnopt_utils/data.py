@@ -227,12 +227,12 @@ def gaussian_mixture(
     _positive("n", n)
     _positive("d", d)
     _positive("k", k)
-    if k > d + 1:
-        raise ValueError(f"k={k} classes need d >= k-1 dimensions, got d={d}")
+    if k > d:
+        raise ValueError(f"k={k} classes need d >= k dimensions, got d={d}")
     g = _gen(seed)
     means = torch.zeros(k, d, dtype=dtype)
-    means[:, : k - 1] = torch.eye(k, k - 1, dtype=dtype) if k > 1 else 0
-    means = (means - means.mean(0)) * sep / 2**0.5  # pairwise distances = sep
+    means[:, :k] = torch.eye(k, dtype=dtype) * sep / 2**0.5  # pairwise distances = sep
+    means = means - means.mean(0)
     y = torch.randint(0, k, (n,), generator=g)
     X = means[y] + torch.randn(n, d, generator=g, dtype=dtype)
     return Dataset(X, y)

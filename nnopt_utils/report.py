@@ -92,8 +92,12 @@ class Claims:
         """Record ``claim`` with its measured value and assert ``condition``."""
         passed = bool(condition)
         record = Claim(claim, fmt(measured), expected, passed)
-        # a re-run of the same check cell replaces its earlier record
-        self.records = [r for r in self.records if r.claim != claim] + [record]
+        # a re-run of the same check cell replaces its earlier record, in place
+        names = [r.claim for r in self.records]
+        if claim in names:
+            self.records[names.index(claim)] = record
+        else:
+            self.records.append(record)
         if not passed:
             raise AssertionError(
                 f"claim failed: {claim}: measured {record.measured}, expected {expected or 'true'}"
