@@ -103,7 +103,8 @@ def setup(
     Parameters
     ----------
     seed: seeds Python, NumPy and torch.
-    threads: torch intra-op threads; default: all cores up to 8 (2 on the book's CI machine).
+    threads: torch intra-op threads; default: ``NNOPT_THREADS`` if set, else all cores up to 8.
+        On a machine busy with other work, 1 thread avoids oversubscription stalls.
     device: ``auto`` (default), ``cpu``, ``cuda`` or ``mps``; also read from ``NNOPT_DEVICE``.
     deterministic: ask torch for deterministic algorithms where it has them (warn otherwise).
     theme: install the book's plotting theme (:func:`nnopt_utils.plotting.set_theme`).
@@ -111,10 +112,16 @@ def setup(
     scale()  # validate NNOPT_SCALE early, with a clear message
     seed_everything(seed)
     if threads is None:
-        threads = min(os.cpu_count() or 1, 8)
+        env = os.environ.get("NNOPT_THREADS", "").strip()
+        if env and not env.isdigit():
+            raise ValueError(f"NNOPT_THREADS must be a positive int, got {env!r}")
+        threads = int(env) if env else min(os.cpu_count() or 1, 8)
     if not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int, got {threads!r}")
     torch.set_num_threads(threads)
+    # Subnormal floats (below ~1e-308 in float64) are 100x slower on most CPUs; weights that
+    # decay towards zero in long runs would otherwise crawl. Flushing them changes no result.
+    torch.set_flush_denormal(True)
     if deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; harmless on the CPU.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -16,7 +16,7 @@ from torch import nn
 
 from .init import initialize
 
-__all__ = ["ACTIVATIONS", "NORMS", "activation", "MLP", "mlp", "ResidualMLP", "residual_mlp",
+__all__ = ["ACTIVATIONS", "DERIVATIVES", "NORMS", "activation", "MLP", "mlp", "ResidualMLP", "residual_mlp", "backprop",
            "DeepLinear", "small_cnn"]
 
 
@@ -315,3 +315,59 @@ def small_cnn(
     model = nn.Sequential(*mods)
     initialize(model, init, seed=seed)
     return model
+
+
+# ---------------------------------------------------------------------------------------
+# Backpropagation written out, for checking autograd against the textbook recursion.
+
+#: derivatives of the activations, as functions of the pre-activation h
+DERIVATIVES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "linear": torch.ones_like,
+    "relu": lambda h: (h > 0).to(h.dtype),
+    "tanh": lambda h: 1 - torch.tanh(h) ** 2,
+    "sigmoid": lambda h: torch.sigmoid(h) * (1 - torch.sigmoid(h)),
+    "erf": lambda h: 2 / math.sqrt(math.pi) * torch.exp(-h * h),
+    "softplus": torch.sigmoid,
+}
+
+
+@torch.no_grad()
+def backprop(model: MLP, X: torch.Tensor, Y: torch.Tensor) -> list[torch.Tensor]:
+    r"""Gradients of the half mean squared error by the backpropagation recursion.
+
+    For ``h_l = W_l a_{l-1} + b_l``, ``a_l = phi(h_l)`` (``a_0 = x``) and the loss
+    ``F = 1/(2n) sum_i ||h_L(x_i) - y_i||^2`` (Rumelhart, Hinton and Williams, 1986):
+
+    .. math:: \delta_L = (h_L - y)/n,\quad \delta_l = \phi'(h_l) \odot W_{l+1}^\top \delta_{l+1},
+              \quad \nabla_{W_l} F = \sum_i \delta_l a_{l-1}^\top,\quad \nabla_{b_l} F = \sum_i \delta_l.
+
+    ``model`` must be an :class:`MLP` without normalization (Linear and activations only).
+    Returns the gradients in the order of ``model.parameters()``.
+    """
+    linears, derivs = [], []
+    for m in model:
+        if isinstance(m, nn.Linear):
+            linears.append(m)
+        elif isinstance(m, _Elementwise) and m.name in DERIVATIVES:
+            derivs.append(DERIVATIVES[m.name])
+        else:
+            raise ValueError(f"backprop supports Linear layers and the activations "
+                             f"{', '.join(DERIVATIVES)}; got {m!r}")
+    if len(derivs) != len(linears) - 1:
+        raise ValueError("backprop expects Linear and activation layers to alternate")
+    Y = Y.reshape(len(X), -1)
+    acts, pres = [X], []
+    for l, lin in enumerate(linears):  # forward pass, keeping what the backward pass needs
+        h = acts[-1] @ lin.weight.T + (lin.bias if lin.bias is not None else 0)
+        pres.append(h)
+        if l < len(derivs):
+            acts.append(model[2 * l + 1](h))
+    delta = (pres[-1] - Y) / len(X)
+    grads: list[torch.Tensor] = []
+    for l in range(len(linears) - 1, -1, -1):  # backward pass
+        lin = linears[l]
+        layer = [delta.T @ acts[l]] + ([delta.sum(0)] if lin.bias is not None else [])
+        grads = layer + grads
+        if l > 0:
+            delta = derivs[l - 1](pres[l - 1]) * (delta @ lin.weight)
+    return grads

@@ -31,9 +31,10 @@ __all__ = ["History", "fit", "sweep", "SweepResult", "LOSSES", "OPTIMIZERS", "ba
 # losses
 
 def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    # 1/2 mean squared error, the survey's convention for regression
-    return 0.5 * (out.reshape(y.shape) - y).pow(2).mean() if out.numel() == y.numel() else \
-        0.5 * (out - y).pow(2).sum(-1).mean()
+    # half the squared error of a sample, averaged over samples: 1/(2n) sum_i ||f(x_i) - y_i||^2
+    if y.dim() == 1:
+        return 0.5 * (out.reshape(y.shape) - y).pow(2).mean()
+    return 0.5 * (out - y).pow(2).flatten(1).sum(1).mean()
 
 
 def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
