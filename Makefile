@@ -6,9 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-# Quiet progress bars and a non-interactive plotting backend for executed notebooks.
+# Quiet progress bars in executed notebooks (figures use the kernel's inline backend).
 export NNOPT_QUIET := 1
-export MPLBACKEND  := Agg
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 .PHONY: book test unit notebooks book-strict venv clean
