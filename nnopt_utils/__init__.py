@@ -5,7 +5,7 @@ One module per concept (see each module's docstring); the most used names are re
 here.
 """
 
-from . import config, data, init, models, plotting, report, train
+from . import config, data, init, models, report, train
 from .config import by_scale, get_device, scale, seed_everything, setup
 from .data import Dataset, digits, least_squares, quadratic, teacher_student
 from .init import initialize
@@ -16,7 +16,7 @@ from .train import History, fit, sweep
 __version__ = "0.1.0"
 
 # The heavier modules load on first use: ``nu.signal``, ``nu.hessian``, ...
-_LAZY = ("signal", "optim", "schedules", "second_order", "hessian", "ntk", "landscape",
+_LAZY = ("plotting", "signal", "optim", "schedules", "second_order", "hessian", "ntk", "landscape",
          "pruning", "distributed")
 
 

@@ -1,0 +1,514 @@
+"""Optimizers written from scratch, as ``torch.optim.Optimizer`` subclasses.
+
+Each algorithm is short enough to read next to its paper. The base class :class:`Optimizer`
+owns the loop over parameter groups, the per-parameter state and the closure; an algorithm
+overrides two small methods::
+
+    init_state(state, group, p)        # fill a fresh state dict for parameter p
+    step_param(state, group, grad, p)  # update p in place, given its gradient
+
+and a variant is its parent plus what differs: :class:`AMSGrad` is :class:`Adam` with a
+running maximum of the second moment, :class:`AdamW` is :class:`Adam` with decoupled weight
+decay, :class:`LAMB` is :class:`Adam` with a per-tensor trust ratio.
+
+The classes take ``torch.optim``'s argument names and honour its contract (``param_groups``,
+``state``, ``state_dict``/``load_state_dict``, closures, schedulers, argument checks), so they
+plug into any training loop. Where ``torch.optim`` has the algorithm, the unit tests prove the
+iterates are equal; where a convention differs from a library or a paper, the docstring says
+so and a test pins the difference. We trade ``torch.optim``'s ``foreach``/``fused`` speed for
+clarity.
+
+Papers: Polyak (1964), Nesterov (1983), Sutskever et al. (2013), Duchi et al. (2011),
+Tieleman and Hinton (2012), Kingma and Ba (2015), Reddi et al. (2018), Loshchilov and Hutter
+(2019), Luo et al. (2019), Bernstein et al. (2018), Chen et al. (2023), You et al. (2017, 2020).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+
+__all__ = [
+    "Optimizer",
+    "SGD",
+    "AdaGrad",
+    "RMSProp",
+    "Adam",
+    "AMSGrad",
+    "AdamW",
+    "AdaBound",
+    "SignSGD",
+    "Lion",
+    "LARS",
+    "LAMB",
+    "OPTIMIZERS",
+]
+
+Params = Iterable[torch.Tensor] | Iterable[dict]
+
+
+# ---------------------------------------------------------------------------------------
+# argument checks, worded like torch.optim's ("Invalid learning rate: -0.1")
+
+def _require(ok: bool, what: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {what}: {value!r} (must be {allowed})")
+
+
+def _check_lr(lr) -> None:
+    _require(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr >= 0,
+             "learning rate", lr, "a number >= 0")
+
+
+def _check_nonneg(what: str, value) -> None:
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+             what, value, ">= 0")
+
+
+def _check_unit(what: str, value) -> None:
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1,
+             what, value, "in [0, 1)")
+
+
+def _check_betas(betas) -> None:
+    _require(isinstance(betas, (tuple, list)) and len(betas) == 2, "betas", betas,
+             "a pair (beta1, beta2)")
+    for i, b in enumerate(betas):
+        _require(isinstance(b, (int, float)) and 0 <= b < 1, f"beta parameter at index {i}", b,
+                 "in [0, 1)")
+
+
+# ---------------------------------------------------------------------------------------
+# the base class
+
+class Optimizer(torch.optim.Optimizer):
+    """Base class: the loop over parameter groups and parameters, state and closure.
+
+    Subclasses implement :meth:`init_state` and :meth:`step_param`; ``step`` calls them for
+    every parameter that has a gradient, under ``torch.no_grad()``.
+    """
+
+    def __init__(self, params: Params, defaults: dict) -> None:
+        super().__init__(params, defaults)
+
+    def init_state(self, state: dict, group: dict, p: torch.Tensor) -> None:
+        """Fill the (empty) state of parameter ``p``; called before its first update."""
+
+    def step_param(self, state: dict, group: dict, grad: torch.Tensor, p: torch.Tensor) -> None:
+        """Update ``p`` in place from its gradient ``grad`` (the algorithm's one step)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """One optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[p]
+                if len(state) == 0:
+                    self.init_state(state, group, p)
+                self.step_param(state, group, p.grad, p)
+        return loss
+
+
+# ---------------------------------------------------------------------------------------
+# SGD and its sign-based relative
+
+class SGD(Optimizer):
+    r"""Stochastic gradient descent with heavy-ball or Nesterov momentum (torch.optim.SGD).
+
+    With :math:`d_t = g_t + \lambda x_t` (``weight_decay`` :math:`\lambda`)::
+
+        b_t = d_t                         (first step)
+        b_t = m b_{t-1} + (1 - tau) d_t   (momentum m, dampening tau)
+        x_{t+1} = x_t - lr * b_t                   (heavy ball, Polyak 1964)
+        x_{t+1} = x_t - lr * (d_t + m b_t)         (nesterov=True)
+
+    With constant ``lr`` and ``dampening=0`` the heavy-ball form is exactly Polyak's
+    :math:`x_{t+1} = x_t - \alpha g_t + m (x_t - x_{t-1})`, and the Nesterov form gives the
+    lookahead points :math:`y_t` of Nesterov's (1983) method
+    :math:`x_{t+1} = y_t - \alpha\nabla f(y_t),\ y_{t+1} = x_{t+1} + m(x_{t+1} - x_t)`
+    (Sutskever et al., 2013). Note the convention: the buffer sums gradients, so the learning
+    rate multiplies it; some texts use :math:`v_t = m v_{t-1} + \alpha g_t`, which is the same
+    only while ``lr`` is constant.
+    """
+
+    def __init__(self, params: Params, lr: float = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0,
+                 nesterov: bool = False) -> None:
+        _check_lr(lr)
+        _check_nonneg("momentum value", momentum)
+        _check_nonneg("dampening value", dampening)
+        _check_nonneg("weight_decay value", weight_decay)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError(f"Nesterov momentum requires a momentum > 0 and zero dampening, "
+                             f"got momentum={momentum!r}, dampening={dampening!r}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov))
+
+    def direction(self, state: dict, group: dict, grad: torch.Tensor,
+                  p: torch.Tensor) -> torch.Tensor:
+        """The step direction: gradient, plus L2 decay, passed through the momentum buffer."""
+        d = grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else grad
+        m = group["momentum"]
+        if m == 0:
+            return d
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = d.clone()
+        else:
+            buf.mul_(m).add_(d, alpha=1 - group["dampening"])
+        return d.add(buf, alpha=m) if group["nesterov"] else buf
+
+    def step_param(self, state, group, grad, p):
+        p.add_(self.direction(state, group, grad, p), alpha=-group["lr"])
+
+
+class SignSGD(SGD):
+    r"""signSGD and Signum (Bernstein et al., 2018): SGD that steps along the sign.
+
+    ``x_{t+1} = x_t - lr * sign(b_t)`` with ``b_t`` the :class:`SGD` momentum buffer
+    (``momentum=0``: signSGD; ``momentum>0``: Signum). Signum's buffer
+    :math:`m_t = \beta m_{t-1} + (1-\beta) g_t` (from :math:`m_0=0`) is a positive multiple
+    of the undamped heavy-ball buffer, so its sign is the same. ``weight_decay`` is L2
+    (added to the gradient before the sign).
+    """
+
+    def __init__(self, params: Params, lr: float = 1e-4, momentum: float = 0.0,
+                 weight_decay: float = 0.0) -> None:
+        _check_unit("momentum value", momentum)
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    def step_param(self, state, group, grad, p):
+        p.add_(self.direction(state, group, grad, p).sign(), alpha=-group["lr"])
+
+
+# ---------------------------------------------------------------------------------------
+# diagonal adaptive methods
+
+class AdaGrad(Optimizer):
+    r"""AdaGrad (Duchi et al., 2011), as torch.optim.Adagrad.
+
+    ``s_t = s_{t-1} + g_t^2`` (from ``initial_accumulator_value``),
+    ``x_{t+1} = x_t - lr_t g_t / (sqrt(s_t) + eps)`` with
+    ``lr_t = lr / (1 + (t-1) lr_decay)``; ``g_t`` includes L2 ``weight_decay``.
+    """
+
+    def __init__(self, params: Params, lr: float = 1e-2, lr_decay: float = 0.0,
+                 weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
+                 eps: float = 1e-10) -> None:
+        _check_lr(lr)
+        _check_nonneg("lr_decay value", lr_decay)
+        _check_nonneg("weight_decay value", weight_decay)
+        _check_nonneg("initial_accumulator_value value", initial_accumulator_value)
+        _check_nonneg("epsilon value", eps)
+        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                                      initial_accumulator_value=initial_accumulator_value,
+                                      eps=eps))
+
+    def init_state(self, state, group, p):
+        state["step"] = 0
+        state["sum"] = torch.full_like(p, group["initial_accumulator_value"])
+
+    def step_param(self, state, group, grad, p):
+        state["step"] += 1
+        if group["weight_decay"]:
+            grad = grad.add(p, alpha=group["weight_decay"])
+        lr = group["lr"] / (1 + (state["step"] - 1) * group["lr_decay"])
+        state["sum"].addcmul_(grad, grad)
+        p.addcdiv_(grad, state["sum"].sqrt().add_(group["eps"]), value=-lr)
+
+
+class RMSProp(Optimizer):
+    r"""RMSProp (Tieleman and Hinton, 2012), as torch.optim.RMSprop.
+
+    ``v_t = alpha v_{t-1} + (1-alpha) g_t^2``; denominator ``r_t = sqrt(v_t) + eps``, or with
+    ``centered=True`` ``sqrt(v_t - gbar_t^2) + eps`` where ``gbar_t`` averages ``g`` alike.
+    Without momentum ``x_{t+1} = x_t - lr g_t / r_t``; with momentum ``m``:
+    ``b_t = m b_{t-1} + g_t / r_t`` and ``x_{t+1} = x_t - lr b_t``.
+    """
+
+    def __init__(self, params: Params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False) -> None:
+        _check_lr(lr)
+        _check_unit("alpha value", alpha)
+        _check_nonneg("epsilon value", eps)
+        _check_nonneg("weight_decay value", weight_decay)
+        _check_nonneg("momentum value", momentum)
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                                      momentum=momentum, centered=centered))
+
+    def init_state(self, state, group, p):
+        state["step"] = 0
+        state["square_avg"] = torch.zeros_like(p)
+        if group["momentum"] > 0:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        if group["centered"]:
+            state["grad_avg"] = torch.zeros_like(p)
+
+    def step_param(self, state, group, grad, p):
+        state["step"] += 1
+        if group["weight_decay"]:
+            grad = grad.add(p, alpha=group["weight_decay"])
+        a = group["alpha"]
+        v = state["square_avg"].mul_(a).addcmul_(grad, grad, value=1 - a)
+        if group["centered"]:
+            gbar = state["grad_avg"].lerp_(grad, 1 - a)
+            v = v.addcmul(gbar, gbar, value=-1)
+        denom = v.sqrt().add_(group["eps"])
+        if group["momentum"] > 0:
+            buf = state["momentum_buffer"].mul_(group["momentum"]).addcdiv_(grad, denom)
+            p.add_(buf, alpha=-group["lr"])
+        else:
+            p.addcdiv_(grad, denom, value=-group["lr"])
+
+
+class Adam(Optimizer):
+    r"""Adam (Kingma and Ba, 2015), as torch.optim.Adam.
+
+    With ``g_t`` including L2 ``weight_decay``::
+
+        m_t = b1 m_{t-1} + (1-b1) g_t,      v_t = b2 v_{t-1} + (1-b2) g_t^2
+        x_{t+1} = x_t - lr * m_hat / (sqrt(v_hat) + eps),
+        m_hat = m_t / (1-b1^t),  v_hat = v_t / (1-b2^t)
+
+    Variants override one method each: :meth:`regularize` (AdamW: decoupled decay),
+    :meth:`update_moments` and :meth:`second_moment` (AMSGrad: running max),
+    :meth:`update` (AdaBound: clipped step sizes; LAMB: trust ratio).
+    """
+
+    def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, **extra) -> None:
+        _check_lr(lr)
+        _check_betas(betas)
+        _check_nonneg("epsilon value", eps)
+        _check_nonneg("weight_decay value", weight_decay)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
+                                      weight_decay=weight_decay, **extra))
+
+    def init_state(self, state, group, p):
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(p)
+        state["exp_avg_sq"] = torch.zeros_like(p)
+
+    def regularize(self, group: dict, grad: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """L2 regularization: the decay enters the gradient (and so the moments)."""
+        return grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else grad
+
+    def update_moments(self, state: dict, group: dict, grad: torch.Tensor) -> None:
+        """Exponential moving averages of the gradient and of its square."""
+        b1, b2 = group["betas"]
+        state["step"] += 1
+        state["exp_avg"].lerp_(grad, 1 - b1)
+        state["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+
+    def second_moment(self, state: dict) -> torch.Tensor:
+        """The second-moment estimate the step divides by."""
+        return state["exp_avg_sq"]
+
+    def direction(self, state: dict, group: dict) -> torch.Tensor:
+        """``m_hat / (sqrt(v_hat) + eps)``, with bias-corrected moments."""
+        b1, b2 = group["betas"]
+        t = state["step"]
+        denom = (self.second_moment(state).sqrt() / math.sqrt(1 - b2**t)).add_(group["eps"])
+        return state["exp_avg"] / (1 - b1**t) / denom
+
+    def update(self, state: dict, group: dict, p: torch.Tensor) -> torch.Tensor:
+        """What is subtracted from ``p``: ``lr * direction``."""
+        return self.direction(state, group).mul_(group["lr"])
+
+    def step_param(self, state, group, grad, p):
+        grad = self.regularize(group, grad, p)
+        self.update_moments(state, group, grad)
+        p.sub_(self.update(state, group, p))
+
+
+class AMSGrad(Adam):
+    r"""AMSGrad (Reddi et al., 2018): Adam dividing by the running maximum of ``v``.
+
+    ``v_max_t = max(v_max_{t-1}, v_t)`` and the step uses ``v_max_t`` in place of ``v_t``,
+    so the effective per-coordinate step ``lr / sqrt(v_max)`` never increases; this repairs
+    Adam's non-convergence on Reddi et al.'s counterexample.
+
+    Convention: as ``torch.optim.Adam(amsgrad=True)`` (which it equals), the maximum is taken
+    of the raw ``v_t`` and divided by the current bias correction ``1 - b2^t``. Reddi et al.'s
+    Algorithm 2 uses no bias correction; the two differ only while ``b2^t`` is not small.
+    """
+
+    def init_state(self, state, group, p):
+        super().init_state(state, group, p)
+        state["max_exp_avg_sq"] = torch.zeros_like(p)
+
+    def update_moments(self, state, group, grad):
+        super().update_moments(state, group, grad)
+        torch.maximum(state["max_exp_avg_sq"], state["exp_avg_sq"],
+                      out=state["max_exp_avg_sq"])
+
+    def second_moment(self, state):
+        return state["max_exp_avg_sq"]
+
+
+class AdamW(Adam):
+    r"""AdamW (Loshchilov and Hutter, 2019): Adam with decoupled weight decay.
+
+    Before the Adam step, ``x <- (1 - lr * weight_decay) x``; the decay never enters the
+    moments, so it is not rescaled by ``1/sqrt(v)``. As torch.optim.AdamW, the decay is
+    multiplied by ``lr`` (the paper writes ``eta_t * lambda`` with a separate schedule
+    multiplier ``eta_t``). Default ``weight_decay=1e-2`` as torch.
+    """
+
+    def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    def regularize(self, group, grad, p):
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        return grad
+
+
+class AdaBound(Adam):
+    r"""AdaBound (Luo et al., 2019): Adam whose per-coordinate step sizes are clipped.
+
+    The step size ``lr sqrt(1-b2^t)/(1-b1^t) / (sqrt(v_t) + eps)`` is clipped to
+    ``[eta_l(t), eta_u(t)]`` with ``eta_l = final_lr (1 - 1/(gamma t + 1))`` and
+    ``eta_u = final_lr (1 + 1/(gamma t))``, then multiplies ``m_t``: early on it is Adam, in
+    the limit SGD with step ``final_lr``. As the authors' code, ``final_lr`` follows the
+    schedule: it is scaled by ``lr / initial_lr``. (The paper's Algorithm 2 also divides by
+    ``sqrt(t)`` and has no bias correction; the released code, followed here, does neither.)
+    """
+
+    def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 final_lr: float = 0.1, gamma: float = 1e-3, eps: float = 1e-8,
+                 weight_decay: float = 0.0) -> None:
+        _check_nonneg("final learning rate", final_lr)
+        _require(isinstance(gamma, (int, float)) and gamma > 0, "gamma value", gamma, "> 0")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         final_lr=final_lr, gamma=gamma)
+        for group in self.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+
+    def update(self, state, group, p):
+        b1, b2 = group["betas"]
+        t, lr = state["step"], group["lr"]
+        final_lr = group["final_lr"] * lr / group["initial_lr"] if group["initial_lr"] else 0.0
+        lower = final_lr * (1 - 1 / (group["gamma"] * t + 1))
+        upper = final_lr * (1 + 1 / (group["gamma"] * t))
+        step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+        rate = step_size / self.second_moment(state).sqrt().add_(group["eps"])
+        return rate.clamp_(lower, upper).mul_(state["exp_avg"])
+
+
+class LAMB(Adam):
+    r"""LAMB (You et al., 2020): Adam's direction with decoupled decay, scaled per tensor.
+
+    With ``r_t = m_hat / (sqrt(v_hat) + eps)`` (bias-corrected, as :class:`Adam`) and
+    ``u_t = r_t + weight_decay * x_t``::
+
+        x_{t+1} = x_t - lr * (||x_t|| / ||u_t||) * u_t
+
+    the norms taken over the whole parameter tensor (a layer's weight or bias); the trust
+    ratio is 1 when either norm is 0 (so zero-initialized tensors still move). The paper's
+    scaling function ``phi`` is the identity here.
+    """
+
+    def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    def regularize(self, group, grad, p):
+        return grad  # the decay is decoupled: it enters u_t in update()
+
+    def update(self, state, group, p):
+        u = self.direction(state, group).add_(p, alpha=group["weight_decay"])
+        w_norm, u_norm = p.norm(), u.norm()
+        ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+        return u.mul_(ratio * group["lr"])
+
+
+# ---------------------------------------------------------------------------------------
+# large-batch momentum and sign-based discovery
+
+class LARS(Optimizer):
+    r"""LARS, layer-wise adaptive rate scaling (You et al., 2017, Algorithm 1).
+
+    Per parameter tensor, with ``eta`` the ``trust_coefficient`` and ``beta`` the
+    ``weight_decay``::
+
+        local_lr = eta * ||w|| / (||g|| + beta ||w|| + eps)
+        v_{t+1}  = momentum * v_t + lr * local_lr * (g + beta w)
+        w_{t+1}  = w_t - v_{t+1}
+
+    ``local_lr`` is 1 when ``||w||`` or ``||g||`` is 0 (as common implementations do, so
+    zero-initialized biases still train). As in the paper the global ``lr`` sits inside the
+    buffer; torch.optim.SGD puts it outside (equal while ``lr`` is constant).
+    """
+
+    def __init__(self, params: Params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001, eps: float = 1e-8) -> None:
+        _check_lr(lr)
+        _check_nonneg("momentum value", momentum)
+        _check_nonneg("weight_decay value", weight_decay)
+        _check_nonneg("trust_coefficient value", trust_coefficient)
+        _check_nonneg("epsilon value", eps)
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, eps=eps))
+
+    def init_state(self, state, group, p):
+        state["momentum_buffer"] = torch.zeros_like(p)
+
+    def step_param(self, state, group, grad, p):
+        wd = group["weight_decay"]
+        w_norm, g_norm = p.norm(), grad.norm()
+        local = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+        local = torch.where((w_norm > 0) & (g_norm > 0), local, torch.ones_like(local))
+        d = grad.add(p, alpha=wd) if wd else grad
+        buf = state["momentum_buffer"].mul_(group["momentum"]).add_(d * (local * group["lr"]))
+        p.sub_(buf)
+
+
+class Lion(Optimizer):
+    r"""Lion, evolved sign momentum (Chen et al., 2023, Program 1).
+
+    ::
+
+        c_t = b1 m_{t-1} + (1-b1) g_t
+        x_{t+1} = x_t - lr (sign(c_t) + weight_decay x_t)      (decoupled decay)
+        m_t = b2 m_{t-1} + (1-b2) g_t
+
+    Two betas: the sign is taken of a fast interpolation (``b1``), the memory is slow (``b2``).
+    """
+
+    def __init__(self, params: Params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0) -> None:
+        _check_lr(lr)
+        _check_betas(betas)
+        _check_nonneg("weight_decay value", weight_decay)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+
+    def init_state(self, state, group, p):
+        state["exp_avg"] = torch.zeros_like(p)
+
+    def step_param(self, state, group, grad, p):
+        b1, b2 = group["betas"]
+        m = state["exp_avg"]
+        c = m.lerp(grad, 1 - b1)
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(c.sign_(), alpha=-group["lr"])
+        m.lerp_(grad, 1 - b2)
+
+
+#: name -> class, for loops over all of them
+OPTIMIZERS: dict[str, type[Optimizer]] = {
+    cls.__name__.lower(): cls
+    for cls in (SGD, AdaGrad, RMSProp, Adam, AMSGrad, AdamW, AdaBound, SignSGD, Lion, LARS, LAMB)
+}
