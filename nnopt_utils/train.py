@@ -413,7 +413,7 @@ def sweep(
     state2 = {k: torch.zeros_like(v) for k, v in params.items()}
     alive = torch.ones(N, dtype=torch.bool, device=device)
     diverged_at = torch.full((N,), -1, dtype=torch.long)
-    losses = torch.full((N, steps), math.nan)
+    losses = torch.full((N, steps), math.nan, dtype=lr_vec.dtype)
     eval_steps: list[int] = []
     metrics: dict[str, list[torch.Tensor]] = {}
 
