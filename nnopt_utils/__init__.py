@@ -16,8 +16,8 @@ from .train import History, fit, sweep
 __version__ = "0.1.0"
 
 # The heavier modules load on first use: ``nu.signal``, ``nu.hessian``, ...
-_LAZY = ("plotting", "signal", "optim", "schedules", "second_order", "hessian", "ntk", "landscape",
-         "pruning", "distributed")
+_LAZY = ("plotting", "signal", "normalization", "optim", "schedules", "second_order", "hessian",
+         "ntk", "landscape", "pruning", "distributed")
 
 
 def __getattr__(name: str):

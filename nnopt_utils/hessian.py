@@ -43,15 +43,40 @@ def _check_flat(theta: torch.Tensor) -> None:
         raise ValueError(f"theta must be a 1-D tensor, got {shape}")
 
 
-def hvp(f: Flat, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Hessian-vector product ``H(theta) v`` by forward-over-reverse differentiation
-    (Pearlmutter, 1994): the directional derivative of the gradient along ``v``."""
+def _as_tuple(x, name: str) -> tuple[torch.Tensor, ...]:
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    if isinstance(x, (tuple, list)) and x and all(isinstance(t, torch.Tensor) for t in x):
+        return tuple(x)
+    raise ValueError(f"{name} must be a tensor or a non-empty tuple of tensors, got "
+                     f"{type(x).__name__}")
+
+
+def _same_shapes(a, b, na: str, nb: str) -> None:
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        raise ValueError(f"{nb} must match {na} in structure and shapes; got "
+                         f"{[tuple(x.shape) for x in b]} vs {[tuple(x.shape) for x in a]}")
+
+
+def hvp(loss_fn: Callable, params, v):
+    """Hessian-vector product ``H v`` with ``H = d^2 loss / d params^2`` at ``params``.
+
+    Forward-over-reverse (Pearlmutter, 1994): ``H v = d/de grad f(params + e v) |_{e=0}``,
+    computed as ``torch.func.jvp(torch.func.grad(f), (params,), (v,))``: the cost of about two
+    gradients, and ``H`` is never formed. ``params`` and ``v`` are a tensor or matching tuples
+    of tensors; the result has the same structure as ``v``.
+    """
     from torch.func import grad, jvp
 
-    _check_flat(theta)
-    if v.shape != theta.shape:
-        raise ValueError(f"v must have the shape of theta {tuple(theta.shape)}, got {tuple(v.shape)}")
-    return jvp(grad(f), (theta,), (v,))[1]
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn must be callable(params) -> scalar, got {type(loss_fn).__name__}")
+    single = isinstance(params, torch.Tensor)
+    p, vv = _as_tuple(params, "params"), _as_tuple(v, "v")
+    _same_shapes(p, vv, "params", "v")
+    f = (lambda *ps: loss_fn(ps[0])) if single else (lambda *ps: loss_fn(ps))
+    g = grad(f, argnums=tuple(range(len(p))))
+    _, out = jvp(g, tuple(t.detach() for t in p), tuple(t.detach() for t in vv))
+    return out[0] if single else tuple(out)
 
 
 def dense_hessian(f: Flat, theta: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .hessian import _as_tuple, _same_shapes, hvp
+
 __all__ = [
     "hvp",
     "gnvp",
@@ -45,21 +47,6 @@ __all__ = [
 ]
 
 
-def _as_tuple(x, name: str) -> tuple[torch.Tensor, ...]:
-    if isinstance(x, torch.Tensor):
-        return (x,)
-    if isinstance(x, (tuple, list)) and x and all(isinstance(t, torch.Tensor) for t in x):
-        return tuple(x)
-    raise ValueError(f"{name} must be a tensor or a non-empty tuple of tensors, got "
-                     f"{type(x).__name__}")
-
-
-def _same_shapes(a, b, na: str, nb: str) -> None:
-    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
-        raise ValueError(f"{nb} must match {na} in structure and shapes; got "
-                         f"{[tuple(x.shape) for x in b]} vs {[tuple(x.shape) for x in a]}")
-
-
 def _positive(name: str, v, allow_zero: bool = False) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
             or (v < 0 if allow_zero else v <= 0):
@@ -76,27 +63,6 @@ def _positive_int(name: str, v) -> int:
 
 # ---------------------------------------------------------------------------------------
 # curvature-vector products
-
-def hvp(loss_fn: Callable, params, v):
-    """Hessian-vector product ``H v`` with ``H = d^2 loss / d params^2`` at ``params``.
-
-    Forward-over-reverse (Pearlmutter, 1994): ``H v = d/de grad f(params + e v) |_{e=0}``,
-    computed as ``torch.func.jvp(torch.func.grad(f), (params,), (v,))``: the cost of about two
-    gradients, and ``H`` is never formed. ``params`` and ``v`` are a tensor or matching tuples
-    of tensors; the result has the same structure as ``v``.
-    """
-    from torch.func import grad, jvp
-
-    if not callable(loss_fn):
-        raise ValueError(f"loss_fn must be callable(params) -> scalar, got {type(loss_fn).__name__}")
-    single = isinstance(params, torch.Tensor)
-    p, vv = _as_tuple(params, "params"), _as_tuple(v, "v")
-    _same_shapes(p, vv, "params", "v")
-    f = (lambda *ps: loss_fn(ps[0])) if single else (lambda *ps: loss_fn(ps))
-    g = grad(f, argnums=tuple(range(len(p))))
-    _, out = jvp(g, tuple(t.detach() for t in p), tuple(t.detach() for t in vv))
-    return out[0] if single else tuple(out)
-
 
 def gnvp(model_fn: Callable, out_loss_fn: Callable, params, v):
     """Generalized Gauss-Newton product ``J^T H_out J v`` (Schraudolph, 2002; Martens, 2010).

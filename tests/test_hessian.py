@@ -50,8 +50,10 @@ def test_backprop_matches_autograd():
 def test_bad_input():
     (f, theta), *_ = _problem()
     with pytest.raises(ValueError, match="theta must be a 1-D tensor"):
-        hessian.hvp(f, theta[None], theta[None])
-    with pytest.raises(ValueError, match="v must have the shape of theta"):
+        hessian.dense_hessian(f, theta[None])
+    with pytest.raises(ValueError, match="v must match params in structure and shapes"):
         hessian.hvp(f, theta, theta[:3])
+    with pytest.raises(ValueError, match="loss_fn must be callable"):
+        hessian.hvp(None, theta, theta)
     with pytest.raises(ValueError, match="eps must be positive"):
         hessian.finite_difference_gradient(f, theta, eps=0.0)

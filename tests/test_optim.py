@@ -51,15 +51,6 @@ def assert_same(make_ours, make_torch, groups: bool = False, tol: float = 1e-6, 
     assert (ref - torch.cat([W0.flatten(), b0])).abs().max() > 1e-3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest and keeps timings stable on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------
 # equality with torch.optim (float64, 100 steps, 1e-6)
 

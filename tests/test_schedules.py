@@ -13,16 +13,6 @@ import nnopt_utils as nu
 from nnopt_utils import schedules as S
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to busy-waiting when the
-    machine's cores are shared; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def torch_multipliers(make_scheduler, n: int) -> np.ndarray:
     """The lr / base_lr sequence a torch scheduler produces over n steps."""
     p = torch.nn.Parameter(torch.zeros(1))

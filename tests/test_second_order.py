@@ -12,16 +12,6 @@ import nnopt_utils as nu
 from nnopt_utils import second_order as so
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to busy-waiting when the
-    machine's cores are shared; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 D = torch.float64
 
 
