@@ -117,7 +117,7 @@ class Claims:
                 }
                 for r in self.records
             ]
-        ).style.hide(axis="index")
+        ).style.hide(axis="index").format(escape="html")
 
     def __len__(self) -> int:
         return len(self.records)

@@ -342,7 +342,7 @@ def lr_range_test(
 
     ``optimizer``: ``'sgd'``, ``'momentum'``, ``'adam'`` or a ``factory(params, lr)``.
     """
-    from .train import _as_dataset, _loss_fn, batches
+    from .train import as_dataset, batches, resolve_loss
 
     lr_min = _positive("lr_min", lr_min)
     lr_max = _positive("lr_max", lr_max)
@@ -353,8 +353,8 @@ def lr_range_test(
         raise ValueError(f"steps must be >= 5 for a range test, got {steps}")
     smoothing = _in_range("smoothing", smoothing, 0, 1, hi_open=True)
     stop_factor = _positive("stop_factor", stop_factor)
-    data = _as_dataset(data)
-    loss_fn = _loss_fn(loss)
+    data = as_dataset(data)
+    loss_fn = resolve_loss(loss)
     net = copy.deepcopy(model)
     params = list(net.parameters())
     if callable(optimizer):

@@ -24,7 +24,7 @@ from .config import progress_enabled
 from .data import Dataset
 
 __all__ = ["History", "fit", "sweep", "SweepResult", "LOSSES", "OPTIMIZERS", "batches",
-           "evaluate"]
+           "evaluate", "resolve_loss", "as_dataset"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -47,7 +47,8 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 
 
-def _loss_fn(loss) -> Callable:
+def resolve_loss(loss) -> Callable:
+    """Resolve ``loss``: a name from :data:`LOSSES` or a ``callable(output, target)``."""
     if callable(loss):
         return loss
     if loss not in LOSSES:
@@ -56,7 +57,8 @@ def _loss_fn(loss) -> Callable:
     return LOSSES[loss]
 
 
-def _as_dataset(data) -> Dataset:
+def as_dataset(data) -> Dataset:
+    """``data`` as a :class:`~nnopt_utils.data.Dataset`: a Dataset or an ``(X, y)`` pair."""
     if isinstance(data, Dataset):
         return data
     if isinstance(data, (tuple, list)) and len(data) == 2:
@@ -157,7 +159,7 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss="cross_ent
     model.eval()
     out = model(X)
     model.train(was_training)
-    result = {"loss": float(_loss_fn(loss)(out, y))}
+    result = {"loss": float(resolve_loss(loss)(out, y))}
     if y.dtype == torch.long and out.dim() == 2:
         result["acc"] = float((out.argmax(1) == y).float().mean())
     return result
@@ -226,14 +228,14 @@ def fit(
     Each logged row holds ``step``, ``loss`` (mini-batch, before the update), ``lr``, and when
     evaluated ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc``.
     """
-    data = _as_dataset(data)
+    data = as_dataset(data)
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
     if eval_every is not None and (not isinstance(eval_every, int) or eval_every <= 0):
         raise ValueError(f"eval_every must be a positive int or None, got {eval_every!r}")
     if isinstance(optimizer, str) and not (lr > 0):
         raise ValueError(f"lr must be positive, got {lr!r}")
-    loss_fn = _loss_fn(loss)
+    loss_fn = resolve_loss(loss)
     opt = _make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
     base_lrs = [g["lr"] for g in opt.param_groups]
     history = History()
@@ -373,7 +375,7 @@ def sweep(
     """
     from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
-    data = _as_dataset(data)
+    data = as_dataset(data)
     if optimizer not in SWEEP_OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r} for sweep; choose one of: "
                          f"{', '.join(SWEEP_OPTIMIZERS)}")
@@ -385,7 +387,7 @@ def sweep(
         raise ValueError("seeds must not be empty")
     if eval_every is not None and (not isinstance(eval_every, int) or eval_every <= 0):
         raise ValueError(f"eval_every must be a positive int or None, got {eval_every!r}")
-    loss_fn = _loss_fn(loss)
+    loss_fn = resolve_loss(loss)
     configs = [{"seed": s, "lr": v} for s, v in itertools.product(seeds, lrs)]
     models = [build(c["seed"]) for c in configs]
     if any(True for _ in models[0].buffers()):
