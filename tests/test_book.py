@@ -113,3 +113,12 @@ def test_every_cite_key_exists():
         for group in CITE.findall(text):
             missing += [(p.name, k.strip()) for k in group.split(",") if k.strip() not in keys]
     assert not missing, f"cite keys not in references.bib: {missing}"
+
+
+PRIVATE = re.compile(r"\b(?:nu|nnopt_utils)(?:\.\w+)*\._\w+|from nnopt_utils[\w.]* import .*\b_\w+")
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_chapters_use_only_public_names(path):
+    code = "\n".join(source(c) for c in load(path)["cells"] if c["cell_type"] == "code")
+    assert not PRIVATE.findall(code), f"{path.name} reaches into private names: {PRIVATE.findall(code)}"
