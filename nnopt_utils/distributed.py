@@ -127,6 +127,10 @@ _worker_main(PAYLOAD, CONN)
 """
 
 
+#: after a first worker error, how long the launcher waits for the others to report theirs
+_ERROR_GRACE_S = 3.0
+
+
 def _worker_main(payload: bytes, conn) -> None:
     """Body of a launched worker: join the group, run ``fn``, send back the outcome."""
     rank = -1
@@ -144,7 +148,9 @@ def _worker_main(payload: bytes, conn) -> None:
                                 world_size=spec["world_size"], timeout=timeout)
         message = ("ok", fn(rank, spec["world_size"], *args))
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
-        message = ("error", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        # the time of failure lets the caller tell a root cause from its consequences: a
+        # worker that raises tears down the group, and its peers then fail in collectives
+        message = ("error", f"{type(exc).__name__}: {exc}", traceback.format_exc(), time.time())
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -152,7 +158,7 @@ def _worker_main(payload: bytes, conn) -> None:
         data = pickle.dumps(message)
     except Exception as exc:  # noqa: BLE001 - an unpicklable result is a worker error
         data = pickle.dumps(("error", f"result of rank {rank} cannot be pickled: {exc}",
-                             traceback.format_exc()))
+                             traceback.format_exc(), time.time()))
     conn.send_bytes(data)
     conn.close()
 
@@ -187,9 +193,11 @@ def launch(
     importable by the workers (a module-level function, e.g. :func:`run_configs`), and
     ``args`` and the results must pickle. Workers use ``threads`` intra-op threads each.
 
-    Raises :class:`WorkerError` (with the worker's traceback) as soon as a worker raises or
-    dies, and ``TimeoutError`` when the workers have not all finished after ``timeout``
-    seconds; in both cases every worker is terminated first. Starting the processes costs
+    Raises :class:`WorkerError` (with the worker's traceback) when a worker raises or dies:
+    after the first failure the others get a few seconds to report, and the *earliest*
+    failure is raised, since a crash makes its peers fail in their next collective. Raises
+    ``TimeoutError`` when the workers have not all finished after ``timeout`` seconds. In
+    every case all workers are terminated. Starting the processes costs
     about a second each (importing torch), so launch once per experiment, not per step.
     """
     if not callable(fn):
@@ -233,25 +241,34 @@ def launch(
             procs.append(p)
             conns.append(recv)
         results: dict[int, Any] = {}
+        errors: dict[int, tuple] = {}
         pending = dict(enumerate(conns))
         deadline = time.monotonic() + timeout
         while pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if errors:
+                    break
                 raise TimeoutError(f"workers {sorted(pending)} of {world_size} did not finish "
                                    f"within {timeout:g} s; killed all workers")
             for conn in _wait_ready(list(pending.values()), timeout=remaining):
                 rank = next(r for r, c in pending.items() if c is conn)
+                del pending[rank]
                 try:
                     message = pickle.loads(conn.recv_bytes())
                 except EOFError:
                     procs[rank].join(timeout=3)
-                    raise WorkerError(rank, f"process exited with code {procs[rank].exitcode} "
-                                            "before returning a result") from None
-                del pending[rank]
+                    message = ("error", f"process exited with code {procs[rank].exitcode} "
+                                        "before returning a result", "", time.time())
                 if message[0] == "error":
-                    raise WorkerError(rank, message[1], message[2])
-                results[rank] = message[1]
+                    if not errors:  # give the peers a moment to report their own failures
+                        deadline = min(deadline, time.monotonic() + _ERROR_GRACE_S)
+                    errors[rank] = message
+                else:
+                    results[rank] = message[1]
+        if errors:  # the earliest failure is the cause; later ones are its consequences
+            rank, message = min(errors.items(), key=lambda item: item[1][3])
+            raise WorkerError(rank, message[1], message[2])
         return [results[r] for r in range(world_size)]
     finally:
         _stop(procs)
