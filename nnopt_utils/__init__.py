@@ -6,7 +6,8 @@ here.
 """
 
 from . import config, data, init, models, report, train
-from .config import by_scale, get_device, scale, seed_everything, setup
+from .config import (base_seed, by_scale, derived_seed, generator, get_device, scale,
+                     seed_everything, setup)
 from .data import Dataset, digits, least_squares, quadratic, teacher_student
 from .init import initialize
 from .models import DeepLinear, mlp, residual_mlp, small_cnn
@@ -30,6 +31,7 @@ def __getattr__(name: str):
 __all__ = [
     "config", "data", "init", "models", "plotting", "report", "train",
     "setup", "scale", "by_scale", "seed_everything", "get_device",
+    "base_seed", "derived_seed", "generator",
     "Dataset", "digits", "least_squares", "quadratic", "teacher_student",
     "initialize", "mlp", "residual_mlp", "small_cnn", "DeepLinear",
     "Claims", "glue", "loglog_slope",

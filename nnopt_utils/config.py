@@ -4,6 +4,11 @@ Every chapter starts with ``device = nu.setup(seed=0)``. That one call makes a r
 reproducible (Python, NumPy and torch generators seeded; deterministic algorithms where
 torch offers them), picks the device and installs the book's plotting theme.
 
+The global seed ``NNOPT_SEED`` (default 0) shifts every random draw of a run: every seed a
+chapter or the library turns into random numbers passes through :func:`derived_seed`, so
+``NNOPT_SEED=3 make book`` reruns the whole book on fresh randomness, while ``NNOPT_SEED=0``
+draws exactly the seeds written in the chapters.
+
 The size profile ``NNOPT_SCALE`` selects how large the experiments are:
 
 * ``default`` -- what the book shows and what CI tests; every chapter runs in at most
@@ -24,6 +29,9 @@ __all__ = [
     "SCALES",
     "scale",
     "by_scale",
+    "base_seed",
+    "derived_seed",
+    "generator",
     "seed_everything",
     "get_device",
     "setup",
@@ -51,10 +59,49 @@ def by_scale(default: T, full: T) -> T:
     return full if scale() == "full" else default
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch (CPU and CUDA); return a fresh ``torch.Generator``."""
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+def base_seed() -> int:
+    """The global seed, read from the ``NNOPT_SEED`` environment variable (default 0)."""
+    value = os.environ.get("NNOPT_SEED", "").strip()
+    if not value:
+        return 0
+    if not value.isdigit():
+        raise ValueError(f"NNOPT_SEED must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+#: the stride between global seeds; a prime larger than any seed a chapter writes, so the
+#: seeds of two different global seeds never coincide
+SEED_STRIDE = 1_000_003
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    return int(seed)
+
+
+def derived_seed(seed: int) -> int:
+    """The seed actually used for a seed ``seed`` written in a chapter or passed to the library:
+    ``seed + SEED_STRIDE * NNOPT_SEED``.
+
+    With ``NNOPT_SEED`` unset (or 0) it is ``seed`` itself. Distinct ``seed`` values stay
+    distinct, and equal ones stay equal (two networks built with ``seed=0`` are still the same
+    network), so every experiment keeps its structure and only its randomness changes.
+    """
+    return _check_seed(seed) + SEED_STRIDE * base_seed()
+
+
+def generator(seed: int, device: str | torch.device | None = None) -> torch.Generator:
+    """A ``torch.Generator`` seeded with :func:`derived_seed` ``(seed)``: the one way the book
+    and the library turn a seed into random numbers."""
+    g = torch.Generator() if device is None else torch.Generator(device=device)
+    return g.manual_seed(derived_seed(seed))
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (CPU and CUDA) with :func:`derived_seed` ``(seed)``; return
+    a fresh generator seeded the same way."""
+    seed = derived_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -87,7 +134,8 @@ def get_device(name: str | None = None) -> torch.device:
 def progress_enabled() -> bool:
     """Whether progress bars are shown: not under CI, pytest/nbval or a book build."""
     quiet = ("CI", "NNOPT_QUIET", "PYTEST_CURRENT_TEST")
-    return not any(os.environ.get(k, "").strip() not in ("", "0", "false") for k in quiet)
+    off = ("", "0", "false", "no", "off")
+    return not any(os.environ.get(k, "").strip().lower() not in off for k in quiet)
 
 
 def setup(
@@ -96,17 +144,20 @@ def setup(
     threads: int | None = None,
     device: str | None = None,
     deterministic: bool = True,
+    flush_denormal: bool = True,
     theme: bool = True,
 ) -> torch.device:
     """Prepare a chapter run and return the device to use.
 
     Parameters
     ----------
-    seed: seeds Python, NumPy and torch.
+    seed: seeds Python, NumPy and torch (shifted by ``NNOPT_SEED``, see :func:`derived_seed`).
     threads: torch intra-op threads; default: ``NNOPT_THREADS`` if set, else all cores up to 8.
         On a machine busy with other work, 1 thread avoids oversubscription stalls.
     device: ``auto`` (default), ``cpu``, ``cuda`` or ``mps``; also read from ``NNOPT_DEVICE``.
-    deterministic: ask torch for deterministic algorithms where it has them (warn otherwise).
+    deterministic: ask torch for deterministic algorithms where it has them (warn otherwise);
+        ``False`` turns them off again.
+    flush_denormal: flush subnormal floats to zero (see below).
     theme: install the book's plotting theme (:func:`nnopt_utils.plotting.set_theme`).
     """
     scale()  # validate NNOPT_SCALE early, with a clear message
@@ -119,13 +170,15 @@ def setup(
     if not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int, got {threads!r}")
     torch.set_num_threads(threads)
-    # Subnormal floats (below ~1e-308 in float64) are 100x slower on most CPUs; weights that
-    # decay towards zero in long runs would otherwise crawl. Flushing them changes no result.
-    torch.set_flush_denormal(True)
+    # Subnormal floats are 100x slower on most CPUs; weights that decay towards zero in long
+    # runs would otherwise crawl. Flushing sets every value below the smallest normal number
+    # (about 1.2e-38 in float32, 2.2e-308 in float64) to 0: the book's measurements of
+    # vanishing quantities stay far above that, and one that needs less passes False.
+    torch.set_flush_denormal(bool(flush_denormal))
     if deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; harmless on the CPU.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(bool(deterministic), warn_only=True)
     dev = get_device(device)
     if theme:
         from .plotting import set_theme

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from .config import generator
 
 __all__ = [
     "Dataset",
@@ -51,9 +52,7 @@ class Dataset:
 
 
 def _gen(seed: int) -> torch.Generator:
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    return torch.Generator().manual_seed(seed)
+    return generator(seed)  # validates seed, applies NNOPT_SEED
 
 
 def _positive(name: str, value, integer: bool = True) -> None:

@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from .config import generator
 
 __all__ = [
     "BACKENDS",
@@ -106,8 +107,10 @@ def _loopback_interface() -> str | None:
 
 
 # A spawned worker first runs this code (``exec`` is a builtin, so it pickles by reference).
-# It registers ``nnopt_utils`` as a bare package before anything imports it: the worker then
-# imports only the submodules it uses, not the package's plotting stack (matplotlib,
+# It registers ``nnopt_utils`` as a bare package whose ``__path__`` is the package's own
+# directory (where ``__init__.py`` lies), so submodules are found by the ordinary path
+# finder however the package was installed (wheel, editable, source tree on ``PYTHONPATH``).
+# The worker then imports only the submodules it uses, not the package's plotting stack (matplotlib,
 # seaborn, scipy), which would cost seconds per worker. Attributes of the bare package
 # resolve to submodules (``nu.train``), so code that runs in workers should import the
 # submodules it needs.
@@ -221,7 +224,7 @@ def launch(
     # other program can take the port between choosing and binding it.
     store = dist.TCPStore(LOOPBACK, 0, world_size, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=timeout))
-    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package_dir = os.path.dirname(os.path.abspath(__file__))  # the nnopt_utils directory
     ctx = torch.multiprocessing.get_context("spawn")
     procs, conns = [], []
     try:
@@ -520,7 +523,7 @@ class QSGD(Compressor):
     def encode(self, p):
         if self._gen is None or self._gen.device != p.device:
             rank = dist.get_rank() if dist.is_initialized() else 0
-            self._gen = torch.Generator(device=p.device).manual_seed(self.seed * 1000 + rank)
+            self._gen = generator(self.seed * 1000 + rank, device=p.device)
         norm = p.norm().to(torch.float32).reshape(1)
         scaled = p.abs() / norm.clamp_min(1e-30) * self.levels
         low = scaled.floor()
@@ -769,7 +772,7 @@ def least_squares_sgd_steps(X: torch.Tensor, y: torch.Tensor, batch_sizes: Seque
         raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)!r}")
     n, d = X.shape
     E = etas.shape[1]
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     P = M * reps * E                                         # number of runs
     m = torch.as_tensor(batch_sizes).repeat_interleave(reps * E)           # (P,)
     run_of_sample = torch.arange(P).repeat_interleave(m)                     # (sum m,)

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from .config import generator
 
 __all__ = ["flat_function", "hvp", "dense_hessian", "finite_difference_gradient",
            "top_eigenvalue"]
@@ -105,7 +106,7 @@ def top_eigenvalue(f: Flat, theta: torch.Tensor, *, iters: int = 100, tol: float
                    seed: int = 0) -> float:
     """Largest-magnitude Hessian eigenvalue by power iteration on :func:`hvp`."""
     _check_flat(theta)
-    v = torch.randn(theta.shape, generator=torch.Generator().manual_seed(seed),
+    v = torch.randn(theta.shape, generator=generator(seed),
                     dtype=theta.dtype).to(theta.device)
     v = v / v.norm()
     lam = 0.0

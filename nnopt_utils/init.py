@@ -26,6 +26,7 @@ import math
 
 import torch
 from torch import nn
+from .config import generator
 
 __all__ = ["SCHEMES", "init_tensor_", "initialize", "fixup_", "orthogonal_matrix"]
 
@@ -121,7 +122,7 @@ def initialize(
     _check_scheme(scheme)
     if scheme == "fixup":
         return fixup_(model, seed=seed)
-    g = None if seed is None else torch.Generator().manual_seed(seed)
+    g = None if seed is None else generator(seed)
     for m in _weighted(model):
         init_tensor_(m.weight, scheme, std=std, gain=gain, generator=g)
         if m.bias is not None:

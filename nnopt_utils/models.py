@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .init import initialize
+from .config import generator
 
 __all__ = ["ACTIVATIONS", "DERIVATIVES", "NORMS", "activation", "MLP", "mlp", "ResidualMLP", "residual_mlp", "backprop",
            "DeepLinear", "small_cnn"]
@@ -241,7 +242,7 @@ class DeepLinear(nn.Module):
             _positive_int("dimension", d)
         if init not in self.INITS:
             raise ValueError(f"unknown init {init!r}; choose one of: {', '.join(self.INITS)}")
-        g = None if seed is None else torch.Generator().manual_seed(seed)
+        g = None if seed is None else generator(seed)
         from .init import orthogonal_matrix
 
         mats = []

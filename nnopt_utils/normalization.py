@@ -37,6 +37,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from .config import generator
 
 __all__ = [
     "batch_norm",
@@ -373,7 +374,7 @@ def bn_relu_gradient_norms(
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if not isinstance(batch, int) or batch < 2:
         raise ValueError(f"batch must be an int >= 2, got {batch!r}")
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     draw = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype).to(device)  # noqa: E731
     weights = [(draw(n_nets, width, width) / math.sqrt(width)).requires_grad_(True)
                for _ in range(depth)]

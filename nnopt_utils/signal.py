@@ -41,6 +41,7 @@ from torch import nn
 
 from .init import orthogonal_matrix
 from .models import ACTIVATIONS, MLP, mlp
+from .config import generator
 
 __all__ = [
     "gaussian_expectation",
@@ -468,7 +469,7 @@ def mean_field_mlp(in_dim: int, width: int, depth: int, out_dim: int | None = No
     if out_dim is None:
         model = model[:-1]
     model = model.to(dtype)
-    g = torch.Generator().manual_seed(0 if seed is None else seed + 7919)
+    g = None if seed is None else generator(seed + 7919)  # None: a fresh draw every call
     with torch.no_grad():
         for lin in model.layers:
             o, i = lin.weight.shape

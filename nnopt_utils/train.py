@@ -22,6 +22,7 @@ from torch import nn
 
 from .config import progress_enabled
 from .data import Dataset
+from .config import generator
 
 __all__ = ["History", "fit", "sweep", "SweepResult", "LOSSES", "OPTIMIZERS", "batches",
            "evaluate", "resolve_loss", "as_dataset"]
@@ -133,7 +134,7 @@ def batches(n: int, batch_size: int | None, steps: int, *, sampling: str = "resh
         return
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     if sampling == "replacement":
         for _ in range(steps):
             yield torch.randint(0, n, (batch_size,), generator=g).to(device)
