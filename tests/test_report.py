@@ -21,3 +21,31 @@ def test_fmt_and_slope():
     assert nu.loglog_slope([1, 10, 100], [5, 0.5, 0.05]) == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="positive"):
         nu.loglog_slope([1, 2], [0, 1])
+
+
+def test_fmt_no_exponent_below_a_million():
+    assert fmt(10700.4) == "10,700"
+    assert fmt(999.5) == "1,000"
+    assert fmt(123456.0) == "123,000"
+    assert fmt(1.5e6) == "1.50e+06"
+    assert fmt(12.345) == "12.3"
+
+
+def test_claims_records_and_keep_going(tmp_path, monkeypatch):
+    import json
+
+    import pytest
+
+    from nnopt_utils.report import Claims
+
+    monkeypatch.setenv("NNOPT_CLAIMS_DIR", str(tmp_path))
+    claims = Claims("Chapter 9")
+    claims.check("holds", 1.0, True, expected="true")
+    with pytest.raises(AssertionError, match="claim failed: fails"):
+        claims.check("fails", 2.0, False, expected="< 1")
+    monkeypatch.setenv("NNOPT_CLAIMS_KEEP_GOING", "1")
+    claims.check("fails too", 3.0, False, expected="< 1")  # recorded, not raised
+    rows = [json.loads(line) for line in (tmp_path / "Chapter_9.jsonl").read_text().splitlines()]
+    assert [(r["claim"], r["passed"]) for r in rows] == [
+        ("holds", True), ("fails", False), ("fails too", False)]
+    assert rows[0]["chapter"] == "Chapter 9" and rows[2]["measured"] == "3"
