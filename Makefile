@@ -11,7 +11,7 @@ export NNOPT_QUIET := 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 .PHONY: book test unit notebooks notebooks-other book-strict book-cache html-checks robust \
-        test-installed venv clean
+        test-installed test-browser venv clean
 
 venv: $(STAMP)
 
@@ -41,7 +41,7 @@ book-cache:
 test: unit notebooks book-strict html-checks
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest tests -q --ignore=tests/html
+	$(BIN)/python -m pytest tests -q --ignore=tests/html --ignore=tests/browser
 
 NBVAL := $(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=300 -p no:cacheprovider -q
 
@@ -61,6 +61,16 @@ book-strict: $(STAMP) book-cache
 
 html-checks: $(STAMP)
 	$(BIN)/python -m pytest tests/html -q
+
+## test-browser: every built page in headless Chromium (math, images, console, sidebar);
+## screenshots in _build/screenshots/
+test-browser: book
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "test-browser needs Chromium: install Debian's package (apt-get install -y chromium)"; \
+	  exit 1; }
+	@$(BIN)/python -c "import playwright" 2>/dev/null || \
+	  $(BIN)/python -m pip install --quiet "playwright>=1.40"
+	$(BIN)/python -m pytest tests/browser -q
 
 ## robust: every chapter across seeds, CPU kernel families and thread counts (a table)
 robust: $(STAMP)
