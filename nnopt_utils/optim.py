@@ -84,10 +84,14 @@ def _check_betas(betas) -> None:
 # the base class
 
 class Optimizer(torch.optim.Optimizer):
-    """Base class: the loop over parameter groups and parameters, state and closure.
+    r"""Base class: the loop over parameter groups and parameters, state and closure.
 
     Subclasses implement :meth:`init_state` and :meth:`step_param`; ``step`` calls them for
-    every parameter that has a gradient, under ``torch.no_grad()``.
+    every parameter that has a gradient, under ``torch.no_grad()``. A complex parameter is
+    handed to both as its real view (``torch.view_as_real``, shape ``(..., 2)``), as
+    ``torch.optim`` does: the algorithms run on :math:`\mathbb{R}^{2n}`, so a squared gradient
+    is :math:`(\mathrm{Re}\,g)^2` and :math:`(\mathrm{Im}\,g)^2` per coordinate, never the
+    complex :math:`g^2`, and the state tensors are real.
     """
 
     def __init__(self, params: Params, defaults: dict) -> None:
@@ -114,9 +118,14 @@ class Optimizer(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 state = self.state[p]
+                x, grad = p, p.grad
+                if torch.is_complex(p):
+                    # C^n is R^{2n}: every algorithm sees (Re, Im) as two real coordinates, so
+                    # squares are (Re g)^2 and (Im g)^2, never the complex g*g (as torch.optim)
+                    x, grad = torch.view_as_real(p), torch.view_as_real(grad)
                 if len(state) == 0:
-                    self.init_state(state, group, p)
-                self.step_param(state, group, p.grad, p)
+                    self.init_state(state, group, x)
+                self.step_param(state, group, grad, x)
         return loss
 
 
@@ -272,6 +281,15 @@ class RMSProp(Optimizer):
             p.addcdiv_(grad, denom, value=-group["lr"])
 
 
+def _adam_defaults(lr, betas, eps, weight_decay, **more) -> dict:
+    """The checked hyperparameters shared by Adam and its variants, plus a variant's own."""
+    _check_lr(lr)
+    _check_betas(betas)
+    _check_nonneg("epsilon value", eps)
+    _check_nonneg("weight_decay value", weight_decay)
+    return dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **more)
+
+
 class Adam(Optimizer):
     r"""Adam (Kingma and Ba, 2015), as torch.optim.Adam.
 
@@ -287,13 +305,8 @@ class Adam(Optimizer):
     """
 
     def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, **extra) -> None:
-        _check_lr(lr)
-        _check_betas(betas)
-        _check_nonneg("epsilon value", eps)
-        _check_nonneg("weight_decay value", weight_decay)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
-                                      weight_decay=weight_decay, **extra))
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        super().__init__(params, _adam_defaults(lr, betas, eps, weight_decay))
 
     def init_state(self, state, group, p):
         state["step"] = 0
@@ -391,10 +404,21 @@ class AdaBound(Adam):
                  weight_decay: float = 0.0) -> None:
         _check_nonneg("final learning rate", final_lr)
         _require(isinstance(gamma, (int, float)) and gamma > 0, "gamma value", gamma, "> 0")
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         final_lr=final_lr, gamma=gamma)
-        for group in self.param_groups:
-            group.setdefault("initial_lr", group["lr"])
+        # Optimizer.__init__ directly: Adam's signature takes no extra hyperparameters
+        Optimizer.__init__(self, params, _adam_defaults(lr, betas, eps, weight_decay,
+                                                        final_lr=final_lr, gamma=gamma))
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group, remembering its starting ``lr`` as ``initial_lr`` (the reference
+        ``final_lr`` is scaled against), as the constructor does for the first groups."""
+        if "final_lr" in param_group:
+            _check_nonneg("final learning rate", param_group["final_lr"])
+        if "gamma" in param_group:
+            gamma = param_group["gamma"]
+            _require(isinstance(gamma, (int, float)) and gamma > 0, "gamma value", gamma, "> 0")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group.setdefault("initial_lr", group["lr"])
 
     def update(self, state, group, p):
         b1, b2 = group["betas"]

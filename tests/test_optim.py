@@ -426,3 +426,75 @@ def test_where_the_learning_rate_sits_lars_vs_sgd():
         opt.param_groups[0]["lr"] = 0.0
         opt.step()
         assert (not torch.equal(x.detach(), before)) == moves
+
+
+# ---------------------------------------------------------------------------------------
+# unknown keywords, complex parameters, groups added later
+
+@pytest.mark.parametrize("cls", [O.Adam, O.AMSGrad, O.AdamW, O.AdaBound, O.LAMB])
+@pytest.mark.parametrize("kw", [dict(maximize=True), dict(amsgrad=True),
+                                dict(weight_decya=0.1)], ids=str)
+def test_unknown_keywords_raise_like_torch(cls, kw):
+    p = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(TypeError, match=next(iter(kw))):
+        cls(p, **kw)
+
+
+COMPLEX = [(O.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=0.1)),
+           (O.AdaGrad, torch.optim.Adagrad, dict(lr=0.3, weight_decay=0.1)),
+           (O.RMSProp, torch.optim.RMSprop, dict(lr=1e-2, momentum=0.5, centered=True)),
+           (O.Adam, torch.optim.Adam, dict(lr=3e-2, weight_decay=0.1)),
+           (O.AMSGrad, lambda p, **kw: torch.optim.Adam(p, amsgrad=True, **kw), dict(lr=3e-2)),
+           (O.AdamW, torch.optim.AdamW, dict(lr=3e-2, weight_decay=0.1))]
+
+
+@pytest.mark.parametrize("ours,theirs,kw", COMPLEX, ids=[c[0].__name__ for c in COMPLEX])
+def test_complex_parameters_equal_torch(ours, theirs, kw):
+    """A complex parameter is optimized as its real view, as torch.optim does: the second
+    moment accumulates (Re g)^2 and (Im g)^2, not the complex square g*g."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 4, generator=g, dtype=torch.complex128)
+    b = torch.randn(5, generator=g, dtype=torch.complex128)
+    z0 = torch.randn(4, generator=g, dtype=torch.complex128)
+    finals = []
+    for make in (ours, theirs):
+        z = z0.clone().requires_grad_()
+        opt = make([z], **kw)
+        for _ in range(50):
+            opt.zero_grad()
+            ((A @ z - b).abs() ** 2).sum().backward()
+            opt.step()
+        finals.append(z.detach())
+    assert (finals[0] - z0).abs().max() > 1e-2
+    torch.testing.assert_close(finals[0], finals[1], rtol=1e-9, atol=1e-10)
+
+
+def test_complex_state_round_trip():
+    z = torch.tensor([1 + 2j, -0.5 + 0.3j], dtype=torch.complex128, requires_grad=True)
+    opt = O.Adam([z], lr=0.1)
+    (z.abs() ** 2).sum().backward()
+    opt.step()
+    state = opt.state[z]
+    assert state["exp_avg_sq"].dtype == torch.float64 and state["exp_avg_sq"].shape == (2, 2)
+    clone = O.Adam([z], lr=0.1)
+    clone.load_state_dict(copy.deepcopy(opt.state_dict()))
+    torch.testing.assert_close(clone.state[z]["exp_avg_sq"], state["exp_avg_sq"])
+
+
+def test_adabound_group_added_later_steps():
+    loss, W0, b0 = problem()
+    W, b = W0.clone().requires_grad_(), b0.clone().requires_grad_()
+    opt = O.AdaBound([W], lr=1e-2, final_lr=0.1)
+    opt.add_param_group({"params": [b], "lr": 3e-3})
+    assert opt.param_groups[1]["initial_lr"] == 3e-3
+    loss(W, b).backward()
+    opt.step()
+    assert (b.detach() - b0).abs().max() > 0
+    # the same as a group given to the constructor
+    W2, b2 = W0.clone().requires_grad_(), b0.clone().requires_grad_()
+    ref = O.AdaBound([{"params": [W2]}, {"params": [b2], "lr": 3e-3}], lr=1e-2, final_lr=0.1)
+    loss(W2, b2).backward()
+    ref.step()
+    torch.testing.assert_close(b.detach(), b2.detach())
+    with pytest.raises(ValueError, match="Invalid gamma value: -1"):
+        opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "gamma": -1})
