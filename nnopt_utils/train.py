@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -33,8 +34,15 @@ __all__ = ["History", "fit", "sweep", "SweepResult", "LOSSES", "OPTIMIZERS", "ba
 
 def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # half the squared error of a sample, averaged over samples: 1/(2n) sum_i ||f(x_i) - y_i||^2
-    if y.dim() == 1:
-        return 0.5 * (out.reshape(y.shape) - y).pow(2).mean()
+    if out.shape != y.shape:
+        # (n,) against (n, 1) is the same data; anything else would broadcast to a wrong loss
+        # (an (n,) output minus (n, 1) targets is an (n, n) matrix)
+        if [s for s in out.shape if s != 1] != [s for s in y.shape if s != 1]:
+            raise ValueError(f"mse: output shape {tuple(out.shape)} does not match target shape "
+                             f"{tuple(y.shape)}; they may differ only by dimensions of size 1")
+        out = out.reshape(y.shape)
+    if y.dim() <= 1:
+        return 0.5 * (out - y).pow(2).mean()
     return 0.5 * (out - y).pow(2).flatten(1).sum(1).mean()
 
 
@@ -49,7 +57,13 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 
 def resolve_loss(loss) -> Callable:
-    """Resolve ``loss``: a name from :data:`LOSSES` or a ``callable(output, target)``."""
+    """Resolve ``loss``: a name from :data:`LOSSES` or a ``callable(output, target)``.
+
+    ``'mse'`` is half the mean squared error, :math:`\frac{1}{2n}\sum_i \|f(x_i) - y_i\|^2`;
+    output and targets must have the same shape up to dimensions of size 1 (an ``(n,)``
+    output against ``(n, 1)`` targets is reshaped, an ``(n, 2)`` one raises).
+    ``'cross_entropy'`` is :func:`torch.nn.functional.cross_entropy` (mean over samples).
+    """
     if callable(loss):
         return loss
     if loss not in LOSSES:
@@ -118,29 +132,48 @@ class History:
 SAMPLING = ("reshuffle", "replacement", "cyclic")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def batches(n: int, batch_size: int | None, steps: int, *, sampling: str = "reshuffle",
             seed: int = 0, device=None) -> Iterator[torch.Tensor | None]:
     """Yield ``steps`` index tensors into a dataset of size ``n``.
 
-    ``reshuffle``: a fresh permutation each epoch (random reshuffling); ``replacement``:
-    i.i.d. uniform indices; ``cyclic``: the same fixed order every epoch. With
-    ``batch_size=None`` (full batch) it yields ``None``.
+    ``reshuffle``: a fresh permutation each epoch (random reshuffling; an epoch is
+    ``n // batch_size`` batches, so each epoch leaves out ``n % batch_size`` samples, different
+    ones each time); ``replacement``: i.i.d. uniform indices; ``cyclic``: one fixed random
+    order, read as an endless cycle (batch ``t`` holds positions ``tB, ..., tB + B - 1``
+    modulo ``n``), so every sample is visited once every ``n`` samples even when ``B`` does
+    not divide ``n``. With ``batch_size=None`` (or ``>= n`` without replacement, full batch)
+    it yields ``None``. Integer arguments may be Python or NumPy integers.
     """
     if sampling not in SAMPLING:
         raise ValueError(f"unknown sampling {sampling!r}; choose one of: {', '.join(SAMPLING)}")
+    if not _is_int(n) or n <= 0:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if not _is_int(steps) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    if batch_size is not None and (not _is_int(batch_size) or batch_size <= 0):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    n, steps = int(n), int(steps)
     if batch_size is None or batch_size >= n and sampling != "replacement":
         for _ in range(steps):
             yield None
         return
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    batch_size = int(batch_size)
     g = generator(seed)
     if sampling == "replacement":
         for _ in range(steps):
             yield torch.randint(0, n, (batch_size,), generator=g).to(device)
         return
-    per_epoch = n // batch_size
     order = torch.randperm(n, generator=g)
+    if sampling == "cyclic":
+        order_d, offsets = order.to(device), torch.arange(batch_size, device=device)
+        for t in range(steps):
+            yield order_d[(t * batch_size + offsets) % n]
+        return
+    per_epoch = n // batch_size
     t = 0
     while t < steps:
         if sampling == "reshuffle" and t > 0:
@@ -158,8 +191,10 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss="cross_ent
     """Loss (and accuracy for classification) of ``model`` on ``(X, y)`` in eval mode."""
     was_training = model.training
     model.eval()
-    out = model(X)
-    model.train(was_training)
+    try:
+        out = model(X)
+    finally:  # the caller's mode is restored even when the forward pass raises
+        model.train(was_training)
     result = {"loss": float(resolve_loss(loss)(out, y))}
     if y.dtype == torch.long and out.dim() == 2:
         result["acc"] = float((out.argmax(1) == y).float().mean())
@@ -172,7 +207,7 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss="cross_ent
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad")
 
 
-def _make_optimizer(optimizer, params, lr: float, momentum: float, weight_decay: float):
+def _make_optimizer(optimizer, params, lr: float, momentum: float | None, weight_decay: float):
     if isinstance(optimizer, torch.optim.Optimizer):
         return optimizer
     if callable(optimizer):
@@ -180,11 +215,21 @@ def _make_optimizer(optimizer, params, lr: float, momentum: float, weight_decay:
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}"
                          " or pass a torch.optim.Optimizer / a factory(params)")
+    if optimizer in ("momentum", "nesterov"):
+        m = 0.9 if momentum is None else momentum
+        nesterov = optimizer == "nesterov"  # Nesterov needs m > 0
+        ok = isinstance(m, numbers.Real) and not isinstance(m, bool) and (
+            0 < m < 1 if nesterov else 0 <= m < 1)
+        if not ok:
+            raise ValueError(f"momentum must lie in {'(0, 1)' if nesterov else '[0, 1)'} for "
+                             f"optimizer {optimizer!r}, got {momentum!r}")
+        return torch.optim.SGD(params, lr=lr, momentum=float(m), weight_decay=weight_decay,
+                               nesterov=nesterov)
+    if momentum is not None and momentum != 0:
+        raise ValueError(f"momentum={momentum!r} is used only by optimizer 'momentum' or "
+                         f"'nesterov', got optimizer {optimizer!r}")
     if optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    if optimizer in ("momentum", "nesterov"):
-        return torch.optim.SGD(params, lr=lr, momentum=momentum or 0.9, weight_decay=weight_decay,
-                               nesterov=optimizer == "nesterov")
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop,
            "adagrad": torch.optim.Adagrad}[optimizer]
     return cls(params, lr=lr, weight_decay=weight_decay)
@@ -199,7 +244,7 @@ def fit(
     lr: float = 0.1,
     steps: int = 100,
     batch_size: int | None = None,
-    momentum: float = 0.0,
+    momentum: float | None = None,
     weight_decay: float = 0.0,
     schedule: Callable[[int], float] | None = None,
     sampling: str = "reshuffle",
@@ -220,8 +265,14 @@ def fit(
     loss: ``'cross_entropy'``, ``'mse'`` (half mean squared error) or ``callable(out, y)``.
     optimizer: a name from :data:`OPTIMIZERS`, a ``torch.optim.Optimizer`` or a
         ``factory(params)``; ``lr``, ``momentum`` and ``weight_decay`` apply to names only.
+    momentum: for ``'momentum'`` and ``'nesterov'`` (``None``: 0.9; ``0.0`` is honoured);
+        any other optimizer name raises when it is given and non-zero.
     batch_size: ``None`` for full-batch gradient descent.
-    schedule: ``step -> multiplier`` of every group's initial learning rate.
+    schedule: ``step -> multiplier`` of every group's initial learning rate,
+        ``lr_t = initial_lr * schedule(t)``. As ``torch.optim.lr_scheduler``, a group's
+        ``initial_lr`` is its ``lr`` when first scheduled and is kept in the group, so an
+        optimizer object reused for a second run starts again from it (the schedule does not
+        compound).
     eval_every: evaluate on the whole training set (and test set) every so many steps, and
         at the last step; ``None`` logs only the mini-batch loss.
     diverge_above: a loss above this (or NaN/inf) marks the run as diverged and stops it.
@@ -230,15 +281,17 @@ def fit(
     evaluated ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc``.
     """
     data = as_dataset(data)
-    if not isinstance(steps, int) or steps < 0:
+    if not _is_int(steps) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-    if eval_every is not None and (not isinstance(eval_every, int) or eval_every <= 0):
+    steps = int(steps)
+    if eval_every is not None and (not _is_int(eval_every) or eval_every <= 0):
         raise ValueError(f"eval_every must be a positive int or None, got {eval_every!r}")
     if isinstance(optimizer, str) and not (lr > 0):
         raise ValueError(f"lr must be positive, got {lr!r}")
     loss_fn = resolve_loss(loss)
     opt = _make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
-    base_lrs = [g["lr"] for g in opt.param_groups]
+    if schedule is not None:
+        base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in opt.param_groups]
     history = History()
     X, y = data.X, data.y
     from tqdm.auto import tqdm
@@ -272,6 +325,10 @@ def fit(
         opt.step()
         bar.update()
     else:
+        # the last update can diverge too: non-finite parameters, or (when evaluating) a
+        # non-finite loss at the final state; sweep applies the same two tests
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            history.diverged, history.diverged_at = True, steps
         if eval_every is not None:  # final state, after the last update
             row = {"step": steps, "lr": opt.param_groups[0]["lr"], **_eval_row(model, data, loss)}
             if not math.isfinite(row["train_loss"]):
@@ -291,6 +348,20 @@ def _eval_row(model, data: Dataset, loss) -> dict:
 
 # ---------------------------------------------------------------------------------------
 # vectorized sweeps
+
+def _learning_rates(lr) -> list[float]:
+    """``lr`` (a number, a NumPy/tensor scalar, or a sequence of them) as a list of floats."""
+    values = lr.tolist() if isinstance(lr, (torch.Tensor, np.ndarray)) else lr
+    if isinstance(values, numbers.Real):
+        values = [values]
+    ok = isinstance(values, (list, tuple)) and len(values) > 0 and all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        for v in values)
+    if not ok:
+        raise ValueError(f"lr must be positive and finite (a number or a sequence of numbers), "
+                         f"got {lr!r}")
+    return [float(v) for v in values]
+
 
 SWEEP_OPTIMIZERS = ("sgd", "momentum", "adam")
 
@@ -317,18 +388,33 @@ class SweepResult:
         return len(self.configs)
 
     def final(self, metric: str = "train_loss") -> torch.Tensor:
-        """(N,) last value of ``metric`` (``loss`` or an evaluated metric)."""
+        """(N,) last value of ``metric``: ``loss`` (the last mini-batch loss, before the last
+        update) or an evaluated metric (at the final state, after the last update)."""
         if metric == "loss":
+            if self.loss.shape[1] == 0:
+                raise ValueError("no 'loss' was recorded: the sweep ran steps=0; evaluate "
+                                 "the initial state with eval_every")
             return self.loss[:, -1]
         if metric not in self.metrics:
+            if not self.metrics:
+                raise ValueError(f"no metric {metric!r}: the sweep ran without eval_every, so "
+                                 "only 'loss' was recorded; pass eval_every to evaluate")
             raise ValueError(f"unknown metric {metric!r}; choose one of: loss, "
                              f"{', '.join(self.metrics)}")
         return self.metrics[metric][:, -1]
 
     def grid(self, metric: str, rows: str, cols: str):
-        """A pivot table (DataFrame) of the final ``metric`` over two config keys."""
-        df = self.to_frame(final_only=True)
-        return df.pivot_table(index=rows, columns=cols, values=metric)
+        """A pivot table (DataFrame) of :meth:`final` ``metric`` over two config keys
+        (``seed``, ``lr``); a diverged configuration shows as NaN, never as a missing cell."""
+        import pandas as pd
+
+        values = self.final(metric)
+        for key in (rows, cols):
+            if key not in self.configs[0]:
+                raise ValueError(f"unknown config key {key!r}; choose one of: "
+                                 f"{', '.join(self.configs[0])}")
+        df = pd.DataFrame([{**cfg, metric: float(v)} for cfg, v in zip(self.configs, values)])
+        return df.pivot_table(index=rows, columns=cols, values=metric, dropna=False)
 
     def to_frame(self, final_only: bool = False):
         import pandas as pd
@@ -372,7 +458,11 @@ def sweep(
     Every copy sees the same mini-batches (drawn with ``data_seed``), exactly as N separate
     calls of :func:`fit` with the same ``seed=data_seed`` would. Optimizers follow
     ``torch.optim`` conventions: ``sgd``; ``momentum`` (heavy ball, ``buf = m*buf + g``);
-    ``adam``. A copy whose loss turns NaN/inf is frozen and flagged; the others go on.
+    ``adam``. A copy whose loss or gradient turns NaN/inf is frozen and flagged; the others go
+    on. The last update is checked as :func:`fit` checks it: a copy with non-finite
+    parameters, or (with ``eval_every``) a non-finite final training loss, is flagged as
+    diverged at step ``steps``. ``lr`` is a positive number (Python, NumPy or 0-d tensor) or a
+    sequence (list, array, 1-d tensor) of them.
     """
     from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
@@ -380,9 +470,10 @@ def sweep(
     if optimizer not in SWEEP_OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r} for sweep; choose one of: "
                          f"{', '.join(SWEEP_OPTIMIZERS)}")
-    lrs = [float(lr)] if isinstance(lr, (int, float)) else [float(v) for v in lr]
-    if not lrs or any(not v > 0 for v in lrs):
-        raise ValueError(f"lr must be positive (a number or a sequence), got {lr!r}")
+    lrs = _learning_rates(lr)
+    if not _is_int(steps) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    steps = int(steps)
     seeds = list(seeds)
     if not seeds:
         raise ValueError("seeds must not be empty")
@@ -445,8 +536,8 @@ def sweep(
         xb, yb = (X, y) if idx is None else (X[idx], y[idx])
         g, value = grad_value(params, xb, yb)
         value = value.detach()
-        finite = torch.isfinite(value) & torch.stack(
-            [torch.isfinite(v.flatten(1)).all(1) for v in g.values()]).all(0)
+        finite = torch.isfinite(value) & torch.stack(  # reshape, not flatten(1): 0-d params
+            [torch.isfinite(v.reshape(N, -1)).all(1) for v in g.values()]).all(0)
         newly = alive & ~finite
         diverged_at[newly.cpu()] = t
         alive = alive & finite
@@ -470,8 +561,13 @@ def sweep(
                     upd = mhat / (vhat.sqrt() + eps)
                 mask = bc(alive, p)
                 params[k] = torch.where(mask, p - bc(step_lr, p) * upd, p)
+    # the last update, as fit checks it: non-finite parameters, or a non-finite final loss
+    finite = torch.stack([torch.isfinite(v.reshape(N, -1)).all(1) for v in params.values()]).all(0)
     if eval_every is not None:
         record_eval(steps)
+        finite = finite & torch.isfinite(metrics["train_loss"][-1]).to(finite.device)
+    newly = alive & ~finite
+    diverged_at[newly.cpu()] = steps
     return SweepResult(
         configs=configs,
         loss=losses,

@@ -133,3 +133,89 @@ def test_speedup_report():  # pragma: no cover - a measurement, printed, not a p
         nu.fit(build32(s), ds, lr=0.1, steps=200, batch_size=64, progress=False)
     t_loop = time.perf_counter() - t0
     print(f"\nsweep of 16: {t_sweep:.2f}s; 16 fits: {t_loop:.2f}s; speed-up {t_loop / t_sweep:.1f}x")
+
+
+def test_divergence_by_the_last_update_matches_fit():
+    ds = nu.least_squares(20, 3, seed=0)
+    build_lin = lambda s: nu.mlp(3, [], 1, seed=s).double()  # noqa: E731
+    h = nu.fit(build_lin(0), ds, loss="mse", lr=1e200, steps=1, eval_every=1)
+    res = nu.sweep(build_lin, ds, lr=(0.01, 1e200), steps=1, loss="mse", eval_every=1)
+    assert h.diverged and h.diverged_at == 1
+    assert math.isinf(float(res.metrics["train_loss"][1, -1]))
+    assert res.diverged.tolist() == [False, True]
+    assert res.diverged_at.tolist() == [-1, h.diverged_at]
+    # without evaluation: non-finite parameters after the last update, in both
+    X, y = 1e3 * ds.X, 1e3 * ds.y
+    h = nu.fit(build_lin(0), (X, y), loss="mse", lr=1e307, steps=1)
+    res = nu.sweep(build_lin, (X, y), lr=1e307, steps=1, loss="mse")
+    assert h.diverged_at == 1 and res.diverged_at.tolist() == [1]
+
+
+@pytest.mark.parametrize("lr", [np.float32(0.05), np.float64(0.05), torch.tensor(0.05),
+                                np.array([0.05, 0.1]), torch.tensor([0.05, 0.1]), [np.float32(0.05)]],
+                         ids=["np.float32", "np.float64", "tensor0d", "ndarray", "tensor1d", "list"])
+def test_lr_as_numpy_or_tensor(digits64, lr):
+    res = nu.sweep(build, digits64, lr=lr, steps=2)
+    expected = np.atleast_1d(np.asarray(lr, dtype=np.float64) if not isinstance(lr, torch.Tensor)
+                             else lr.double().numpy())
+    np.testing.assert_allclose([c["lr"] for c in res.configs], expected, rtol=1e-7)
+    ref = nu.sweep(build, digits64, lr=[float(v) for v in expected], steps=2)
+    torch.testing.assert_close(res.loss, ref.loss)
+
+
+@pytest.mark.parametrize("lr", [True, "0.1", float("inf"), [0.1, -1.0], torch.tensor([])])
+def test_bad_lr_is_named(digits64, lr):
+    with pytest.raises(ValueError, match="lr must be positive and finite"):
+        nu.sweep(build, digits64, lr=lr, steps=1)
+
+
+class Scaled(torch.nn.Module):
+    """A linear model times a learnable 0-d scale."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.lin = nu.mlp(3, [], 1, seed=seed).double()
+        self.scale = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.scale * self.lin(x)
+
+
+def test_zero_dim_parameters(digits64):
+    ds = nu.least_squares(30, 3, seed=0)
+    res = nu.sweep(Scaled, ds, seeds=(0, 1), lr=0.05, steps=5, loss="mse", eval_every=5)
+    assert res.params["scale"].shape == (2,)
+    for i, seed in enumerate((0, 1)):
+        model = Scaled(seed)
+        h = nu.fit(model, ds, loss="mse", lr=0.05, steps=5)
+        np.testing.assert_allclose(res.loss[i].numpy(), h["loss"], rtol=1e-6)
+        torch.testing.assert_close(res.params["scale"][i], model.scale.detach())
+
+
+def test_final_and_grid_name_what_is_missing(digits64):
+    empty = nu.sweep(build, digits64, steps=0)
+    with pytest.raises(ValueError, match="steps=0"):
+        empty.final("loss")
+    plain = nu.sweep(build, digits64, seeds=(0, 1), lr=(0.05, 0.1), steps=2)
+    with pytest.raises(ValueError, match="without eval_every"):
+        plain.final("train_loss")
+    with pytest.raises(ValueError, match="without eval_every"):
+        plain.grid("train_loss", "seed", "lr")
+    table = plain.grid("loss", "seed", "lr")
+    assert table.shape == (2, 2)
+    np.testing.assert_allclose(table.to_numpy().ravel(), plain.final("loss").numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown config key 'batch'; choose one of: seed, lr"):
+        plain.grid("loss", "batch", "lr")
+    # evaluated at steps=0: the initial state
+    init = nu.sweep(build, digits64, steps=0, eval_every=1)
+    assert init.eval_steps == [0] and init.final("train_loss").shape == (1,)
+
+
+def test_grid_keeps_diverged_configurations():
+    ds = nu.least_squares(64, 8, seed=0)
+    build_lin = lambda s: nu.mlp(8, [], 1, seed=s).double()  # noqa: E731
+    res = nu.sweep(build_lin, ds, seeds=(0,), lr=(0.01, 1e3), steps=50, loss="mse",
+                   eval_every=50)
+    assert res.diverged.tolist() == [False, True]
+    table = res.grid("train_loss", "seed", "lr")
+    assert table.shape == (1, 2) and np.isnan(table.to_numpy()[0, 1])
