@@ -57,7 +57,7 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 
 def resolve_loss(loss) -> Callable:
-    """Resolve ``loss``: a name from :data:`LOSSES` or a ``callable(output, target)``.
+    r"""Resolve ``loss``: a name from :data:`LOSSES` or a ``callable(output, target)``.
 
     ``'mse'`` is half the mean squared error, :math:`\frac{1}{2n}\sum_i \|f(x_i) - y_i\|^2`;
     output and targets must have the same shape up to dimensions of size 1 (an ``(n,)``
