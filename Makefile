@@ -11,7 +11,7 @@ export NNOPT_QUIET := 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 .PHONY: book test unit notebooks notebooks-other book-strict book-cache html-checks robust \
-        test-installed test-browser venv clean
+        test-installed test-browser student venv clean
 
 venv: $(STAMP)
 
@@ -36,9 +36,9 @@ book-cache:
 	  rm -rf $(CACHE); mkdir -p $(CACHE); echo "$(CACHE_KEY)" > $(CACHE)/nnopt-key; \
 	  echo "library or settings changed: every chapter will be executed again"; fi
 
-## test: unit and structure tests, every notebook under nbval, a strict book build, and
-## checks of the built pages
-test: unit notebooks book-strict html-checks
+## test: unit and structure tests, every notebook under nbval, a strict book build, the
+## student edition, and checks of the built pages
+test: unit notebooks book-strict student html-checks
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests -q --ignore=tests/html --ignore=tests/browser
@@ -58,6 +58,10 @@ notebooks-other: $(STAMP)
 book-strict: $(STAMP) book-cache
 	$(BIN)/jupyter-book build . --warningiserror --keep-going
 	@echo "The book: $(CURDIR)/_build/html/index.html"
+
+## student: the book without solutions, in _build/student/html (reuses the execution cache)
+student: $(STAMP) book-cache
+	$(BIN)/python tools/student.py
 
 html-checks: $(STAMP)
 	$(BIN)/python -m pytest tests/html -q
