@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,9 @@ def quadratic(
         mu = L / kappa
     if not 0 < mu <= L:
         raise ValueError(f"need 0 < mu <= L, got mu={mu!r}, L={L!r}")
+    if d == 1 and mu != L:
+        raise ValueError(f"d=1 has a single eigenvalue, so kappa must be 1 (mu = L); got "
+                         f"mu={mu!r}, L={L!r} (kappa={L / mu:g})")
     g = _gen(seed)
     if spectrum == "geometric":
         lam = torch.logspace(torch.log10(torch.tensor(mu)).item(), torch.log10(torch.tensor(L)).item(),
@@ -198,6 +202,11 @@ def teacher_student(
     from .models import mlp
 
     _positive("n", n)
+    _positive("d", d)
+    if not isinstance(n_test, int) or isinstance(n_test, bool) or n_test < 0:
+        raise ValueError(f"n_test must be a non-negative int, got {n_test!r}")
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise!r}")
     g = _gen(seed)
     teacher = mlp(d, [width], 1, activation=activation, bias=False, init="normal", std=1.0,
                   seed=seed + 10_000)
@@ -313,8 +322,14 @@ KNOWN_MD5 = {
     "fashion-mnist/train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
     "fashion-mnist/t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
     "fashion-mnist/t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
-    # CIFAR-10 (Krizhevsky), python version
+    # CIFAR-10 (Krizhevsky), python version: the archive and the files it extracts to
     "cifar-10/cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+    "cifar-10/data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "cifar-10/data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "cifar-10/data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "cifar-10/data_batch_4": "634d18415352ddfa80567beed471001a",
+    "cifar-10/data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "cifar-10/test_batch": "40351d587109b95175f43aff81a1287e",
 }
 
 _IDX_DTYPES = {0x08: torch.uint8, 0x09: torch.int8, 0x0B: torch.int16, 0x0C: torch.int32,
@@ -335,16 +350,32 @@ def _verify(path: Path, expected: str | None) -> None:
 
 
 def read_idx(path: str | Path, md5: str | None = None) -> torch.Tensor:
-    """Read an IDX file (``.gz`` or raw), the format of MNIST and Fashion-MNIST."""
+    """Read an IDX file (``.gz`` or raw), the format of MNIST and Fashion-MNIST (LeCun et al.).
+
+    The header is ``0, 0, type code, ndim`` then ``ndim`` big-endian 32-bit sizes; the data
+    are ``prod(sizes)`` big-endian values. With ``md5`` the file's checksum is verified first.
+    A truncated or padded file raises a ``ValueError`` naming it.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; download the dataset files first")
     _verify(path, md5)
-    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # gzip: a truncated stream or not gzip at all
+        raise ValueError(f"{path} cannot be read: {e}") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number)")
     dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path} is truncated: its header announces {ndim} dimensions")
     shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = math.prod(shape) * dtype.itemsize
+    if len(raw) - 4 - 4 * ndim != expected:
+        raise ValueError(f"{path} holds {len(raw) - 4 - 4 * ndim} data bytes, but its header "
+                         f"announces shape {tuple(shape)} of {dtype}, {expected} bytes "
+                         "(truncated or corrupt file)")
     data = bytearray(raw[4 + 4 * ndim :])
     t = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
     if dtype.itemsize > 1:
@@ -372,10 +403,77 @@ def load_idx_dataset(root: str | Path, name: str = "mnist", *, verify: bool = Tr
                    images(parts["test", "images"]), parts["test", "labels"].long())
 
 
-def load_cifar10(root: str | Path, *, verify: bool = True) -> Dataset:
-    """CIFAR-10 from the extracted python version in ``root/cifar-10-batches-py``.
+class _Refused(pickle.UnpicklingError):
+    """A pickle named a global that a CIFAR-10 batch never needs."""
 
-    ``verify`` checks the archive ``root/cifar-10-python.tar.gz`` when it is present.
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 batch and nothing else.
+
+    A pickle can name any importable callable and call it; this one resolves only the three
+    globals a batch file refers to (NumPy's array reconstruction: ``_reconstruct``,
+    ``ndarray``, ``dtype``). Dicts, lists, ints and byte strings need no global. Anything else,
+    ``os.system`` for instance, is refused before it is looked up.
+    """
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="bytes")  # the files were written by Python 2
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        import numpy as np
+
+        reconstruct = np.empty(0).__reduce__()[0]  # numpy's own, wherever this version keeps it
+        allowed = {
+            # numpy < 2 (and the original files) say numpy.core, numpy >= 2 numpy._core
+            ("numpy.core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype,
+        }
+        if (module, name) not in allowed:
+            raise _Refused(f"{self.path}: refusing to unpickle {module}.{name}; a CIFAR-10 "
+                           "batch holds only dicts, lists, bytes and NumPy arrays (numpy "
+                           "ndarray, dtype, _reconstruct)")
+        return allowed[module, name]
+
+
+def _cifar_batch(path: Path, md5: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CIFAR-10 batch file: verified (when ``md5`` is given), unpickled restrictedly,
+    and checked to hold ``data`` (n, 3072) uint8 and ``labels`` (n integers in 0..9)."""
+    import numpy as np
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; extract cifar-10-python.tar.gz there")
+    _verify(path, md5)
+    with open(path, "rb") as f:
+        try:
+            d = _CifarUnpickler(f, path).load()
+        except _Refused:
+            raise
+        except Exception as e:  # truncated, not a pickle, or a malformed array
+            raise ValueError(f"{path} is not a CIFAR-10 batch: {type(e).__name__}: {e}") from e
+    data = d.get(b"data") if isinstance(d, dict) else None
+    labels = d.get(b"labels") if isinstance(d, dict) else None
+    ok = (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+          and data.shape[1] == 3072 and isinstance(labels, list) and len(labels) == len(data)
+          and all(isinstance(v, int) and 0 <= v < 10 for v in labels))
+    if not ok:
+        raise ValueError(f"{path} is not a CIFAR-10 batch: expected a dict with b'data', a "
+                         "uint8 array (n, 3072), and b'labels', n integers in 0..9")
+    X = torch.from_numpy(data.copy()).view(-1, 3, 32, 32).float() / 255.0
+    return X, torch.tensor(labels, dtype=torch.long)
+
+
+def load_cifar10(root: str | Path, *, verify: bool = True) -> Dataset:
+    """CIFAR-10 (Krizhevsky, 2009) from the extracted python version in
+    ``root/cifar-10-batches-py`` (``data_batch_1`` .. ``data_batch_5`` and ``test_batch``).
+
+    ``verify`` checks every batch file against the published MD5 sums in :data:`KNOWN_MD5`
+    before reading it (and the archive ``root/cifar-10-python.tar.gz`` when it is present).
+    Whatever ``verify``, the files are unpickled by a restricted unpickler that admits only
+    the NumPy array pieces the format needs, so a tampered file cannot run code; it raises
+    ``pickle.UnpicklingError`` naming the file.
     """
     root = Path(root)
     archive = root / "cifar-10-python.tar.gz"
@@ -386,10 +484,7 @@ def load_cifar10(root: str | Path, *, verify: bool = True) -> Dataset:
         raise FileNotFoundError(f"{folder} not found; extract cifar-10-python.tar.gz there")
 
     def batch(name):
-        with open(folder / name, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        X = torch.as_tensor(d[b"data"]).view(-1, 3, 32, 32).float() / 255.0
-        return X, torch.as_tensor(d[b"labels"], dtype=torch.long)
+        return _cifar_batch(folder / name, KNOWN_MD5[f"cifar-10/{name}"] if verify else None)
 
     train = [batch(f"data_batch_{i}") for i in range(1, 6)]
     Xte, yte = batch("test_batch")
