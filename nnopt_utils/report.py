@@ -33,7 +33,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-__all__ = ["Claims", "glue", "loglog_slope", "fmt"]
+__all__ = ["Claims", "glue", "loglog_slope", "fmt", "claims_index", "CLAIMS_GLUE_KEY"]
+
+#: the glue key under which ``Claims.table()`` publishes a chapter's records for the book's
+#: claims index (see :func:`claims_index`)
+CLAIMS_GLUE_KEY = "nnopt_claims"
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -109,6 +113,17 @@ class Claim:
     measured: str
     expected: str
     passed: bool
+    cell: int | None = None  # the execution count of the cell that checked it, if known
+
+
+def _execution_count() -> int | None:
+    """The execution count of the running notebook cell (None outside IPython)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython ships with every notebook kernel
+        return None
+    shell = get_ipython()
+    return getattr(shell, "execution_count", None) if shell is not None else None
 
 
 @dataclass
@@ -121,7 +136,7 @@ class Claims:
     def check(self, claim: str, measured: Any, condition: bool, expected: str = "") -> None:
         """Record ``claim`` with its measured value and assert ``condition``."""
         passed = bool(condition)
-        record = Claim(claim, fmt(measured), expected, passed)
+        record = Claim(claim, fmt(measured), expected, passed, _execution_count())
         # a re-run of the same check cell replaces its earlier record, in place
         names = [r.claim for r in self.records]
         if claim in names:
@@ -138,9 +153,14 @@ class Claims:
             raise AssertionError(message)
 
     def table(self):
-        """The "What this chapter verified" table as a pandas DataFrame."""
+        """The "What this chapter verified" table as a pandas DataFrame.
+
+        In a book build it also publishes the records (glue key :data:`CLAIMS_GLUE_KEY`, not
+        displayed), from which the page "Every claim in this book" is built.
+        """
         import pandas as pd
 
+        glue(CLAIMS_GLUE_KEY, json.dumps([asdict(r) for r in self.records]))
         return pd.DataFrame(
             [
                 {
@@ -155,3 +175,61 @@ class Claims:
 
     def __len__(self) -> int:
         return len(self.records)
+
+
+def _heading_id(markdown_heading: str) -> str:
+    """The HTML id Sphinx gives a section titled ``markdown_heading`` (inline math and
+    markup reduced to their text, as docutils does)."""
+    from docutils.nodes import make_id
+
+    text = re.sub(r"^#+\s*", "", markdown_heading.strip())
+    text = re.sub(r"\{[a-z:]+\}`([^`]*)`", r"\1", text)   # roles keep their content
+    text = text.replace("`", "").replace("$", "").replace("*", "")
+    return make_id(text)
+
+
+def claims_index(executed: str | os.PathLike) -> "pd.DataFrame":
+    """Every claim of every chapter, read from the executed notebooks under ``executed``.
+
+    A book build writes each executed chapter to ``_build/jupyter_execute/``; each chapter's
+    ``claims.table()`` cell publishes its records there (glue key :data:`CLAIMS_GLUE_KEY`).
+    Returns one row per claim: ``chapter`` (its title), ``page`` (the chapter's path without
+    suffix), ``section`` and ``anchor`` (the section whose check cell asserted it), ``claim``,
+    ``measured``, ``criterion`` and ``result``. Raises ``FileNotFoundError`` when the folder
+    holds no executed chapter.
+    """
+    import ast
+    from pathlib import Path
+
+    import pandas as pd
+
+    root = Path(executed)
+    notebooks = sorted(root.glob("chapters/**/*.ipynb"))
+    if not notebooks:
+        raise FileNotFoundError(f"no executed chapters under {root}; build the book first")
+    rows = []
+    for path in notebooks:
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        title, section, anchor, records, sections = path.stem, "", "", [], {}
+        for cell in nb["cells"]:
+            src = "".join(cell["source"])
+            if cell["cell_type"] == "markdown":
+                for line in src.splitlines():
+                    if line.startswith("# ") and title == path.stem:
+                        title = line[2:].strip()
+                    elif line.startswith("## "):
+                        section, anchor = line[3:].strip(), _heading_id(line)
+                continue
+            sections[cell.get("execution_count")] = (section, anchor)
+            for out in cell.get("outputs", []):
+                meta = out.get("metadata", {}).get("scrapbook", {})
+                if meta.get("name") == CLAIMS_GLUE_KEY:
+                    records = json.loads(ast.literal_eval(out["data"]["text/plain"]))
+        page = path.relative_to(root).with_suffix("").as_posix()
+        for r in records:
+            sec, anc = sections.get(r.get("cell"), ("", ""))
+            rows.append({"chapter": title, "page": page, "section": sec, "anchor": anc,
+                         "claim": r["claim"], "measured": r["measured"],
+                         "criterion": r["expected"], "result": "pass" if r["passed"] else "FAIL"})
+    return pd.DataFrame(rows, columns=["chapter", "page", "section", "anchor", "claim",
+                                       "measured", "criterion", "result"])

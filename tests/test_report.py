@@ -49,3 +49,32 @@ def test_claims_records_and_keep_going(tmp_path, monkeypatch):
     assert [(r["claim"], r["passed"]) for r in rows] == [
         ("holds", True), ("fails", False), ("fails too", False)]
     assert rows[0]["chapter"] == "Chapter 9" and rows[2]["measured"] == "3"
+
+
+def test_claims_index_reads_executed_chapters(tmp_path):
+    import json
+
+    from nnopt_utils.report import CLAIMS_GLUE_KEY, claims_index
+
+    records = [{"claim": "rate 1 - mu/L", "measured": "0.99", "expected": "< 1", "passed": True,
+                "cell": 3},
+               {"claim": "diverges above 2/L", "measured": "inf", "expected": "inf",
+                "passed": False, "cell": None}]
+    glue_out = {"output_type": "display_data", "metadata": {"scrapbook": {
+        "name": CLAIMS_GLUE_KEY, "mime_prefix": ""}}, "data": {"text/plain": repr(json.dumps(records))}}
+    nb = {"cells": [
+        {"cell_type": "markdown", "source": ["# 2. Gradient descent\n"]},
+        {"cell_type": "markdown", "source": ["## The rate $1 - \\mu/L$\n", "text"]},
+        {"cell_type": "code", "execution_count": 3, "outputs": [], "source": ["claims.check(...)"]},
+        {"cell_type": "code", "execution_count": 4, "outputs": [glue_out], "source": ["claims.table()"]},
+    ]}
+    folder = tmp_path / "chapters" / "part1"
+    folder.mkdir(parents=True)
+    (folder / "02_gd.ipynb").write_text(json.dumps(nb))
+    index = claims_index(tmp_path)
+    assert list(index.claim) == ["rate 1 - mu/L", "diverges above 2/L"]
+    assert list(index.result) == ["pass", "FAIL"]
+    assert index.chapter[0] == "2. Gradient descent" and index.page[0] == "chapters/part1/02_gd"
+    assert index.anchor[0] == "the-rate-1-mu-l" and index.anchor[1] == ""
+    with pytest.raises(FileNotFoundError, match="no executed chapters"):
+        claims_index(tmp_path / "nothing")

@@ -108,3 +108,24 @@ def test_the_checks_catch_what_they_look_for():
                   "&lt;Figure size 640x480 with 1 Axes&gt;"):
         assert stray_outputs(out.format(shown)), shown
     assert stray_outputs(out.format("   lr  loss\n0  0.1  2.3")) == []
+
+
+def test_claims_index_lists_every_chapter_with_working_links():
+    page = HTML / "reference" / "claims.html"
+    soup = BeautifulSoup(page.read_text(encoding="utf-8"), "html.parser")
+    links = soup.select("main table a[href]")
+    assert len(links) >= 100, f"the claims index lists only {len(links)} claims"
+    chapters = {a["href"].split("#")[0] for a in links}
+    on_disk = {"../" + p.relative_to(HTML).as_posix() for p in HTML.glob("chapters/**/*.html")}
+    assert chapters == on_disk, f"chapters without claims in the index: {on_disk - chapters}"
+    ids: dict[str, set[str]] = {}
+    for a in links:
+        target, _, anchor = a["href"].partition("#")
+        if not anchor:
+            continue
+        if target not in ids:
+            html = (page.parent / target).resolve().read_text(encoding="utf-8")
+            ids[target] = {e["id"] for e in BeautifulSoup(html, "html.parser").select("[id]")}
+        assert anchor in ids[target], f"{a.get_text()!r} links to a missing section {a['href']}"
+    results = [tr.find_all("td")[-1].get_text() for tr in soup.select("main tbody tr")]
+    assert set(results) == {"pass"}, "the claims index shows failing claims"
