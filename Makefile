@@ -60,7 +60,7 @@ book-strict: $(STAMP) book-cache
 	@echo "The book: $(CURDIR)/_build/html/index.html"
 
 ## student: the book without solutions, in _build/student/html (reuses the execution cache)
-student: $(STAMP) book-cache
+student: book
 	$(BIN)/python tools/student.py
 
 html-checks: $(STAMP)
