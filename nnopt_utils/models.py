@@ -8,8 +8,10 @@ how :func:`nnopt_utils.train.sweep` trains many copies at once.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import torch
 from torch import nn
@@ -22,6 +24,9 @@ __all__ = ["ACTIVATIONS", "DERIVATIVES", "NORMS", "activation", "MLP", "mlp", "R
 
 
 class _Elementwise(nn.Module):
+    """An elementwise function as a module. It holds the function itself, so the module
+    pickles whenever the function does (a function defined at module level, not a lambda)."""
+
     def __init__(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
         self.name, self.fn = name, fn
@@ -33,9 +38,14 @@ class _Elementwise(nn.Module):
         return self.name
 
 
+def identity(x: torch.Tensor) -> torch.Tensor:
+    """``phi(x) = x``, the activation of a linear network (a named function: it pickles)."""
+    return x
+
+
 #: elementwise nonlinearities by name; each maps a tensor to a tensor
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "linear": lambda x: x,
+    "linear": identity,
     "relu": torch.relu,
     "tanh": torch.tanh,
     "sigmoid": torch.sigmoid,
@@ -49,11 +59,62 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 NORMS = ("none", "batch", "layer", "group", "weight")
 
 
-def activation(name: str) -> nn.Module:
-    """The activation ``name`` as a module; see :data:`ACTIVATIONS`."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; choose one of: {', '.join(ACTIVATIONS)}")
-    return _Elementwise(name, ACTIVATIONS[name])
+#: what the builders accept as ``activation``
+ActivationSpec = Union[str, type, nn.Module, Callable]
+
+
+def _is_factory(fn: Callable) -> bool:
+    """True when ``fn`` can be called without arguments (a module factory), False when it
+    needs one (an elementwise function of a tensor)."""
+    try:
+        inspect.signature(fn).bind()
+    except (TypeError, ValueError):  # needs an argument, or a builtin without a signature
+        return False
+    return True
+
+
+def activation(spec: ActivationSpec) -> nn.Module:
+    """A fresh activation module from ``spec``, for one layer.
+
+    ``spec`` is one of:
+
+    * a name from :data:`ACTIVATIONS` (``'relu'``, ``'tanh'``, ``'linear'``, ...);
+    * an ``nn.Module`` subclass constructible without arguments (``nn.SiLU``), instantiated;
+    * an ``nn.Module`` instance (``nn.LeakyReLU(0.2)``), copied, so no two layers share one;
+    * a factory without arguments returning a module (``functools.partial(nn.LeakyReLU,
+      0.2)``), called;
+    * an elementwise function of a tensor (``torch.sin``, a ``def``), wrapped.
+
+    A model built from a function defined at module level (or a module class) pickles; one
+    built from a lambda does not.
+    """
+    if isinstance(spec, str):
+        if spec not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {spec!r}; choose one of: "
+                             f"{', '.join(ACTIVATIONS)}, an nn.Module (class or instance) or "
+                             "an elementwise function")
+        return _Elementwise(spec, ACTIVATIONS[spec])
+    if isinstance(spec, nn.Module):
+        return copy.deepcopy(spec)
+    if isinstance(spec, type):
+        if not issubclass(spec, nn.Module):
+            raise ValueError(f"activation class {spec.__name__} is not an nn.Module")
+        try:
+            return spec()
+        except TypeError as e:
+            raise ValueError(f"activation class {spec.__name__} needs arguments ({e}); pass an "
+                             f"instance such as {spec.__name__}(...)") from e
+    if callable(spec):
+        if _is_factory(spec):
+            module = spec()
+            if not isinstance(module, nn.Module):
+                raise ValueError(f"activation factory {spec!r} returned "
+                                 f"{type(module).__name__}, not an nn.Module")
+            return module
+        return _Elementwise(getattr(spec, "__name__", type(spec).__name__), spec)
+    raise ValueError(f"activation must be a name ({', '.join(ACTIVATIONS)}), an nn.Module "
+                     f"class or instance, a module factory or an elementwise function; "
+                     f"got {spec!r}")
 
 
 # builders take an argument called ``activation``; this alias keeps the function reachable
@@ -97,7 +158,7 @@ def mlp(
     hidden: Sequence[int],
     out_dim: int,
     *,
-    activation: str = "relu",
+    activation: ActivationSpec = "relu",
     norm: str = "none",
     bias: bool = True,
     init: str = "kaiming",
@@ -107,6 +168,8 @@ def mlp(
 ) -> MLP:
     """Build an :class:`MLP` with hidden widths ``hidden`` (``depth = len(hidden)``).
 
+    ``activation``: a name from :data:`ACTIVATIONS` or any spec :func:`activation` accepts,
+    for example ``nn.LeakyReLU(0.2)`` or ``torch.sin``; every hidden layer gets its own copy.
     ``norm='weight'`` reparametrizes every Linear layer as ``g * v / ||v||`` (Salimans and
     Kingma, 2016); the other norms insert a normalization layer after each hidden Linear.
     """
@@ -115,7 +178,7 @@ def mlp(
     for h in hidden:
         _positive_int("hidden width", h)
     _check_norm(norm)
-    _make_activation(activation)  # validate the name before building
+    _make_activation(activation)  # validate the spec before building
     dims = [in_dim, *hidden]
     mods: list[nn.Module] = []
     for i, o in zip(dims[:-1], dims[1:]):
@@ -137,8 +200,8 @@ def mlp(
 class ResidualBlock(nn.Module):
     """``x -> x + alpha * branch(x)`` with a pre-activation branch of ``branch_depth`` layers."""
 
-    def __init__(self, width: int, branch_depth: int, activation_name: str, norm: str,
-                 alpha: float, bias: bool):
+    def __init__(self, width: int, branch_depth: int, activation_name: ActivationSpec,
+                 norm: str, alpha: float, bias: bool):
         super().__init__()
         mods: list[nn.Module] = []
         for _ in range(branch_depth):
@@ -157,8 +220,8 @@ class ResidualMLP(nn.Module):
     """``Linear(in, width) -> n_blocks residual blocks -> activation -> Linear(width, out)``."""
 
     def __init__(self, in_dim: int, width: int, n_blocks: int, out_dim: int, *,
-                 branch_depth: int = 2, activation: str = "relu", norm: str = "none",
-                 alpha: float = 1.0, bias: bool = True):
+                 branch_depth: int = 2, activation: ActivationSpec = "relu",
+                 norm: str = "none", alpha: float = 1.0, bias: bool = True):
         super().__init__()
         self.stem = nn.Linear(in_dim, width, bias=bias)
         self.blocks = nn.ModuleList(
@@ -183,7 +246,7 @@ def residual_mlp(
     out_dim: int,
     *,
     branch_depth: int = 2,
-    activation: str = "relu",
+    activation: ActivationSpec = "relu",
     norm: str = "none",
     alpha: float | str = 1.0,
     bias: bool = True,
@@ -195,6 +258,7 @@ def residual_mlp(
 
     ``alpha`` scales every branch; ``alpha='1/sqrt(L)'`` uses ``1/sqrt(n_blocks)``, which
     keeps the forward variance bounded (it grows like ``(1 + alpha^2)^L``).
+    ``activation``: a name or any spec :func:`activation` accepts.
     ``zero_init_branches`` zeroes the last layer of every branch ("ReZero"/"SkipInit"-style);
     ``init='fixup'`` applies the full Fixup rule (:func:`nnopt_utils.init.fixup_`).
     """
@@ -207,7 +271,7 @@ def residual_mlp(
     if norm == "weight":
         raise ValueError("norm 'weight' is not supported in residual_mlp; choose one of: "
                          "none, batch, layer, group")
-    _make_activation(activation)  # validate the name before building
+    _make_activation(activation)  # validate the spec before building
     if isinstance(alpha, str):
         if alpha != "1/sqrt(L)":
             raise ValueError(f"unknown alpha {alpha!r}; give a number or '1/sqrt(L)'")
@@ -226,8 +290,12 @@ class DeepLinear(nn.Module):
     """A deep linear network ``x -> W_N ... W_1 x`` with ``dims = [d_0, d_1, ..., d_N]``.
 
     ``init``: ``normal`` (entries ``N(0, std^2)``), ``orthogonal`` (scaled by ``gain``) or
-    ``balanced`` (Arora et al., 2019: ``W_j^T W_j = W_{j-1} W_{j-1}^T`` at initialization,
-    from the SVD of a random end-to-end matrix of scale ``std``).
+    ``balanced`` (Arora et al., 2019: ``W_{j+1}^T W_{j+1} = W_j W_j^T`` at initialization).
+    Balanced: with ``A = U S V^T`` a random (d_N, d_0) matrix of i.i.d. ``N(0, std^2)`` entries
+    and ``k = min(dims)``, ``W_1 = S_k^{1/N} V_k^T``, ``W_N = U_k S_k^{1/N}`` and the layers
+    between carry ``S_k^{1/N}``, so the product is ``U_k S_k V_k^T``, the best rank-``k``
+    approximation of ``A`` (``A`` itself when no inner width is below ``min(d_0, d_N)``; with
+    one layer, ``W_1 = A``).
     """
 
     INITS = ("normal", "orthogonal", "balanced")
@@ -255,7 +323,9 @@ class DeepLinear(nn.Module):
             for j in range(N):
                 o, i = dims[j + 1], dims[j]
                 W = torch.zeros(o, i, dtype=torch.float64)
-                if j == 0:
+                if N == 1:  # one layer: the end-to-end matrix itself, U S Vh
+                    W = U @ root @ Vh
+                elif j == 0:
                     W[:k] = root @ Vh
                 elif j == N - 1:
                     W[:, :k] = U @ root
@@ -290,7 +360,7 @@ def small_cnn(
     *,
     width: int = 16,
     depth: int = 2,
-    activation: str = "relu",
+    activation: ActivationSpec = "relu",
     norm: str = "none",
     init: str = "kaiming",
     seed: int | None = None,
@@ -349,7 +419,8 @@ def backprop(model: MLP, X: torch.Tensor, Y: torch.Tensor) -> list[torch.Tensor]
     for m in model:
         if isinstance(m, nn.Linear):
             linears.append(m)
-        elif isinstance(m, _Elementwise) and m.name in DERIVATIVES:
+        elif isinstance(m, _Elementwise) and m.name in DERIVATIVES \
+                and m.fn is ACTIVATIONS[m.name]:  # a named one, not a custom function
             derivs.append(DERIVATIVES[m.name])
         else:
             raise ValueError(f"backprop supports Linear layers and the activations "

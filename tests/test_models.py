@@ -94,3 +94,92 @@ def test_deep_linear_inits():
 def test_small_cnn_runs():
     m = nu.small_cnn(1, 10, width=8, norm="batch", seed=0)
     assert m(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+
+
+NAMES = list(nu.models.ACTIVATIONS)
+
+
+@pytest.mark.parametrize("act", NAMES)
+def test_every_named_activation_pickles(act, tmp_path):
+    import pickle
+
+    for model, x in ((nu.mlp(3, [4, 4], 2, activation=act, seed=0), torch.randn(2, 3)),
+                     (nu.residual_mlp(3, 4, 2, 2, activation=act, seed=0), torch.randn(2, 3)),
+                     (nu.small_cnn(1, 3, width=4, activation=act, seed=0),
+                      torch.randn(2, 1, 5, 5))):
+        clone = pickle.loads(pickle.dumps(model))
+        assert torch.equal(clone(x), model(x))
+    path = tmp_path / "model.pt"
+    torch.save(nu.mlp(3, [4], 1, activation=act), path)
+    assert isinstance(torch.load(path, weights_only=False), nu.models.MLP)
+
+
+def sine(x):
+    return torch.sin(x)
+
+
+def test_callable_activations():
+    import functools
+    import pickle
+
+    x = torch.randn(6, 3)
+    ref = nu.mlp(3, [5, 5], 2, activation="leaky_relu", seed=0)
+    # a class, an instance, a factory, a function: all build the same network as the name
+    for spec in (nn.LeakyReLU, nn.LeakyReLU(0.01), functools.partial(nn.LeakyReLU, 0.01),
+                 nn.functional.leaky_relu):
+        m = nu.mlp(3, [5, 5], 2, activation=spec, seed=0)
+        torch.testing.assert_close(m(x), ref(x))
+        torch.testing.assert_close(pickle.loads(pickle.dumps(m))(x), m(x))
+    # the exercise's leaky ReLU with its own slope
+    steep = nu.mlp(3, [5], 1, activation=nn.LeakyReLU(0.2), seed=0)
+    acts = [m for m in steep if isinstance(m, nn.LeakyReLU)]
+    assert len(acts) == 1 and acts[0].negative_slope == 0.2
+    # every layer gets its own copy of an instance (a PReLU's slope is a parameter)
+    prelu = nu.mlp(3, [5, 5], 1, activation=nn.PReLU(), seed=0)
+    slopes = [m.weight for m in prelu if isinstance(m, nn.PReLU)]
+    assert len(slopes) == 2 and slopes[0] is not slopes[1]
+    # a module-level function pickles; the model computes with it
+    m = nu.mlp(3, [5], 1, activation=sine, seed=0)
+    torch.testing.assert_close(m(x), m[2](torch.sin(m[0](x))))
+    assert torch.equal(pickle.loads(pickle.dumps(m))(x), m(x))
+    r = nu.residual_mlp(3, 4, 2, 1, activation=nn.SiLU, seed=0)
+    assert sum(isinstance(a, nn.SiLU) for a in r.modules()) == 5
+
+
+@pytest.mark.parametrize("spec, match", [
+    (3, "activation must be a name"),
+    (nn.Linear, "activation class Linear needs arguments"),
+    (int, "activation class int is not an nn.Module"),
+    (lambda: 3, "returned int, not an nn.Module"),
+    ("relu6", "unknown activation 'relu6'"),
+])
+def test_bad_activation_specs(spec, match):
+    with pytest.raises(ValueError, match=match):
+        nu.mlp(3, [4], 1, activation=spec)
+
+
+def test_backprop_trusts_only_named_activations():
+    def relu(x):  # a custom function that happens to be called relu
+        return torch.tanh(x)
+
+    m = nu.mlp(3, [4], 1, activation=relu, seed=0)
+    with pytest.raises(ValueError, match="backprop supports"):
+        nu.models.backprop(m, torch.randn(2, 3), torch.randn(2, 1))
+    lin = nu.mlp(3, [4], 1, activation="linear", seed=0).double()
+    X, Y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    grads = nu.models.backprop(lin, X, Y)
+    loss = 0.5 * (lin(X) - Y).pow(2).sum(1).mean()
+    auto = torch.autograd.grad(loss, list(lin.parameters()))
+    for a, b in zip(grads, auto):
+        torch.testing.assert_close(a, b)
+
+
+def test_balanced_deep_linear_with_one_layer_is_the_target_matrix():
+    std = 0.7
+    A = torch.randn(3, 4, generator=nu.generator(0), dtype=torch.float64) * std
+    one = nu.DeepLinear([4, 3], init="balanced", std=std, seed=0, dtype=torch.float64)
+    torch.testing.assert_close(one.product(), A)
+    # the same end-to-end matrix as deeper balanced nets of the same seed
+    for dims in ([4, 5, 3], [4, 3, 6, 3]):
+        deep = nu.DeepLinear(dims, init="balanced", std=std, seed=0, dtype=torch.float64)
+        torch.testing.assert_close(deep.product(), A)
