@@ -338,7 +338,8 @@ def lr_range_test(
     ``s_k > stop_factor * min_j s_j`` (divergence). The suggested learning rate is where the
     smoothed loss falls fastest per unit of ``log lr`` (the most negative ``d s / d log lr``, by
     central differences over 5% of the steps), looked for after the first 10% of the steps
-    and before the minimum of ``s``.
+    and before the minimum of ``s``: it never lies past that minimum (the window shrinks
+    when the minimum comes early).
 
     ``optimizer``: ``'sgd'``, ``'momentum'``, ``'adam'`` or a ``factory(params, lr)``.
     """
@@ -398,16 +399,27 @@ def lr_range_test(
     lrs_a, sm = np.array(lrs), np.array(smoothed)
     if len(sm) < 3:
         raise ValueError(f"the loss diverged within {len(sm)} steps; lower lr_min (={lr_min})")
-    # slope of the smoothed loss by central differences over a window of ~5% of the steps,
-    # ignoring the first 10% (the moving average's transient)
-    w, skip = max(1, steps // 20), max(1, steps // 10)
-    stop = int(np.argmin(sm))
-    ks = np.arange(skip + w, max(stop - w, skip + w) + 1)
-    ks = ks[ks + w < len(sm)]
-    if len(ks) == 0:
-        suggested = float(lrs_a[stop])
-    else:
-        log_lr = np.log(lrs_a)
-        slope = (sm[ks + w] - sm[ks - w]) / (log_lr[ks + w] - log_lr[ks - w])
-        suggested = float(lrs_a[ks[int(np.argmin(slope))]])
+    suggested = _steepest_descent_lr(lrs_a, sm, steps)
     return LRRangeResult(lrs_a, np.array(losses), sm, suggested, diverged)
+
+
+def _steepest_descent_lr(lrs: np.ndarray, sm: np.ndarray, steps: int) -> float:
+    """The rate where the smoothed loss ``sm`` falls fastest per unit of ``log lr``, never
+    past its minimum.
+
+    Central differences over a window of ``w`` ~ 5% of the steps, ignoring the first
+    ``skip`` ~ 10% (the moving average's transient), at steps ``k`` with
+    ``skip + w <= k <= argmin(sm) - w``: both ends of every difference lie at or before the
+    minimum. When the minimum comes early the window shrinks to fit; when it comes within
+    the transient, the transient is used too; with no room at all (minimum at step 0 or 1)
+    the rate at the minimum is returned.
+    """
+    stop = int(np.argmin(sm))
+    log_lr = np.log(lrs)
+    for skip in (max(1, steps // 10), 0):
+        w = min(max(1, steps // 20), (stop - skip) // 2)
+        if w >= 1:
+            ks = np.arange(skip + w, stop - w + 1)
+            slope = (sm[ks + w] - sm[ks - w]) / (log_lr[ks + w] - log_lr[ks - w])
+            return float(lrs[ks[int(np.argmin(slope))]])
+    return float(lrs[stop])

@@ -146,3 +146,30 @@ def test_bad_steps_and_range_test_args():
         S.lr_range_test(m, ds, lr_min=1.0, lr_max=0.1)
     with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'"):
         S.lr_range_test(m, ds, optimizer="lbfgs")
+
+
+def test_lr_range_suggestion_never_passes_the_loss_minimum():
+    # a wide window (400 steps: 20-step differences after a 40-step transient) and a
+    # smoothed minimum early, at step ~24: the suggestion must still come before it
+    ds = nu.least_squares(200, 5, noise=0.1, seed=0, dtype=torch.float32)
+    res = S.lr_range_test(nu.mlp(5, [], 1, seed=0), (ds.X, ds.y.unsqueeze(1)), loss="mse",
+                          lr_min=0.5, lr_max=2.0, steps=400, smoothing=0.5, stop_factor=1e9,
+                          batch_size=20)
+    stop = int(np.argmin(res.smoothed))
+    assert stop < 60 < len(res.smoothed)  # the case: minimum before skip + window
+    assert res.suggested_lr <= res.lrs[stop]
+
+
+def test_steepest_descent_on_a_known_curve():
+    from nnopt_utils.schedules import _steepest_descent_lr
+
+    lrs = np.logspace(-3, 1, 200)
+    x = np.log(lrs)
+    # falls fastest at log lr = -2 (a tanh step), minimum at log lr = 0, then rises
+    sm = 1 - np.tanh(2 * (x + 2)) + 0.5 * np.where(x > 0, x, 0) ** 2
+    best = _steepest_descent_lr(lrs, sm, 200)
+    assert abs(np.log(best) + 2) < 0.1
+    # a minimum at step 5 of 200: the answer is at or before it
+    early = np.concatenate([np.linspace(1, 0, 6), np.linspace(0, 5, 194)])
+    assert _steepest_descent_lr(lrs, early, 200) <= lrs[5]
+    assert _steepest_descent_lr(lrs, np.linspace(0, 1, 200), 200) == lrs[0]
