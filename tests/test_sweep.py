@@ -152,8 +152,10 @@ def test_divergence_by_the_last_update_matches_fit():
 
 
 @pytest.mark.parametrize("lr", [np.float32(0.05), np.float64(0.05), torch.tensor(0.05),
-                                np.array([0.05, 0.1]), torch.tensor([0.05, 0.1]), [np.float32(0.05)]],
-                         ids=["np.float32", "np.float64", "tensor0d", "ndarray", "tensor1d", "list"])
+                                np.array([0.05, 0.1]), torch.tensor([0.05, 0.1]),
+                                [np.float32(0.05)]],
+                         ids=["np.float32", "np.float64", "tensor0d", "ndarray", "tensor1d",
+                              "list"])
 def test_lr_as_numpy_or_tensor(digits64, lr):
     res = nu.sweep(build, digits64, lr=lr, steps=2)
     expected = np.atleast_1d(np.asarray(lr, dtype=np.float64) if not isinstance(lr, torch.Tensor)
