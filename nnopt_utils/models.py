@@ -19,8 +19,8 @@ from torch import nn
 from .init import initialize
 from .config import generator
 
-__all__ = ["ACTIVATIONS", "DERIVATIVES", "NORMS", "activation", "MLP", "mlp", "ResidualMLP", "residual_mlp", "backprop",
-           "DeepLinear", "small_cnn"]
+__all__ = ["ACTIVATIONS", "DERIVATIVES", "NORMS", "ActivationSpec", "activation", "identity",
+           "MLP", "mlp", "ResidualMLP", "residual_mlp", "backprop", "DeepLinear", "small_cnn"]
 
 
 class _Elementwise(nn.Module):
