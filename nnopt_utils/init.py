@@ -66,7 +66,14 @@ def init_tensor_(
     gain: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Fill weight tensor ``w`` (fan_out, fan_in, *kernel) in place with ``scheme``."""
+    """Fill weight tensor ``w`` of shape ``(fan_out, fan_in, *kernel)`` in place with ``scheme``.
+
+    ``fan_in = w.shape[1] * prod(kernel)``, ``fan_out = w.shape[0] * prod(kernel)``. Gaussian
+    schemes draw ``N(0, v)`` with ``v = std^2`` (``normal``), ``gain^2 / fan_in`` (``lecun``,
+    LeCun et al., 1998), ``2 gain^2 / (fan_in + fan_out)`` (``xavier``, Glorot and Bengio,
+    2010) or ``2 gain^2 / fan_in`` (``kaiming``, He et al., 2015); ``orthogonal`` (Saxe et
+    al., 2014) and ``delta_orthogonal`` (Xiao et al., 2018) are described in the module table.
+    """
     _check_scheme(scheme)
     if scheme == "fixup":
         raise ValueError("init 'fixup' is a rule for whole residual networks; "
