@@ -11,7 +11,7 @@ export NNOPT_QUIET := 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 .PHONY: book test unit notebooks notebooks-other book-strict book-cache html-checks robust \
-        test-installed test-browser student venv clean
+        test-installed test-browser student pdf venv clean
 
 venv: $(STAMP)
 
@@ -75,6 +75,15 @@ test-browser: book
 	@$(BIN)/python -c "import playwright" 2>/dev/null || \
 	  $(BIN)/python -m pip install --quiet "playwright>=1.40"
 	$(BIN)/python -m pytest tests/browser -q
+
+## pdf: the book as a PDF through LaTeX (TeX Live); not part of `make test`
+pdf: $(STAMP) book-cache
+	@command -v latexmk >/dev/null 2>&1 && command -v xelatex >/dev/null 2>&1 || { \
+	  echo "make pdf needs TeX Live: apt-get install -y texlive-latex-recommended \
+	  texlive-latex-extra texlive-fonts-recommended texlive-xetex latexmk fonts-freefont-otf"; \
+	  exit 1; }
+	$(BIN)/jupyter-book build . --builder pdflatex
+	@echo "The PDF: $(CURDIR)/_build/latex/nnopt.pdf"
 
 ## robust: every chapter across seeds, CPU kernel families and thread counts (a table)
 robust: $(STAMP)
