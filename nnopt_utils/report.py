@@ -180,12 +180,16 @@ class Claims:
 def _heading_id(markdown_heading: str) -> str:
     """The HTML id Sphinx gives a section titled ``markdown_heading`` (inline math and
     markup reduced to their text, as docutils does)."""
-    from docutils.nodes import make_id
+    import unicodedata
 
     text = re.sub(r"^#+\s*", "", markdown_heading.strip())
     text = re.sub(r"\{[a-z:]+\}`([^`]*)`", r"\1", text)   # roles keep their content
     text = text.replace("`", "").replace("$", "").replace("*", "")
-    return make_id(text)
+    # docutils.nodes.make_id: ASCII, lower case, runs of other characters -> "-", no
+    # leading digits or hyphens
+    text = unicodedata.normalize("NFKD", text.lower()).encode("ascii", "ignore").decode()
+    text = re.sub(r"[^a-z0-9]+", "-", " ".join(text.split()))
+    return re.sub(r"^[-0-9]+|-+$", "", text)
 
 
 def claims_index(executed: str | os.PathLike) -> "pd.DataFrame":
