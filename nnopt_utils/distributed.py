@@ -33,6 +33,7 @@ dependencies, not the plotting stack that ``import nnopt_utils`` brings in.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import math
@@ -57,6 +58,7 @@ __all__ = [
     "launch",
     "init_from_env",
     "worker_device",
+    "SHARDINGS",
     "shard_batches",
     "average_parameters",
     "flat_grad",
@@ -75,6 +77,7 @@ __all__ = [
     "optimal_step",
     "gradient_noise_scale",
     "least_squares_sgd_steps",
+    "least_squares_expected_steps",
     "main",
 ]
 
@@ -313,19 +316,33 @@ def worker_device() -> torch.device:
 # =======================================================================================
 # 2. Communication: parameter averaging and gradient compression
 
+SHARDINGS = ("strided", "contiguous")
+
+
 def shard_batches(n: int, rank: int, world_size: int, batch_size: int, steps: int, *,
-                  seed: int = 0) -> Iterator[torch.Tensor]:
+                  seed: int = 0, sharding: str = "strided") -> Iterator[torch.Tensor]:
     """Yield ``steps`` index tensors (into the whole dataset of size ``n``) for worker ``rank``.
 
-    The data are split into ``world_size`` disjoint shards (``rank, rank + world_size, ...``)
-    and each worker reshuffles its own shard every epoch. The concatenation over ranks of
-    step ``t``'s indices is the combined batch that data-parallel SGD effectively uses.
+    The data are split into ``world_size`` disjoint shards and each worker reshuffles its own
+    shard every epoch. ``sharding='strided'`` gives worker ``r`` the samples
+    ``r, r + world_size, ...``: every shard looks like the whole data set, even when the data
+    are stored sorted. ``'contiguous'`` gives it the ``r``-th consecutive block (the first
+    ``n % world_size`` blocks one sample longer): on data sorted by label the shards hold
+    different classes, the heterogeneous (non-i.i.d.) setting of federated learning. The
+    concatenation over ranks of step ``t``'s indices is the combined batch that data-parallel
+    SGD effectively uses.
     """
     from .train import batches
 
+    if sharding not in SHARDINGS:
+        raise ValueError(f"unknown sharding {sharding!r}; choose one of: {', '.join(SHARDINGS)}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must lie in [0, {world_size}), got {rank!r}")
-    shard = torch.arange(rank, n, world_size)
+    if sharding == "strided":
+        shard = torch.arange(rank, n, world_size)
+    else:
+        bounds = [r * (n // world_size) + min(r, n % world_size) for r in range(world_size + 1)]
+        shard = torch.arange(bounds[rank], bounds[rank + 1])
     if batch_size > len(shard):
         raise ValueError(f"batch_size {batch_size} exceeds the shard size {len(shard)} "
                          f"(n={n}, world_size={world_size})")
@@ -564,11 +581,15 @@ class RunConfig:
     """One data-parallel training run (an MLP with SGD) to do inside the workers.
 
     mode: ``ddp`` (DistributedDataParallel: gradients averaged every step), ``local_sgd``
-        (each worker takes ``H`` local SGD steps, then parameters are averaged), or
-        ``compressed`` (gradients averaged through ``compressor``).
+        (each worker takes ``H`` local SGD steps, then parameters are averaged; also after
+        the last step, so the run ends with one model), or ``compressed`` (gradients
+        averaged through ``compressor``).
     batch_size: per worker; the effective batch is ``world_size * batch_size``.
-    eval_every: the full training loss is recorded every so many steps (a multiple of ``H``
-        for local SGD, so that it is measured on the averaged model) and at the end.
+    sharding: how the data are split over the workers (see :func:`shard_batches`).
+    eval_every: the full training loss is recorded every so many steps and at the end. For
+        local SGD it is the loss of the workers' average, computed without changing them
+        (a measurement, not counted as communication), so any ``eval_every`` works with
+        any ``H``.
     return_params: also return the final parameters (for equivalence checks).
     """
 
@@ -579,6 +600,7 @@ class RunConfig:
     lr: float = 0.1
     steps: int = 100
     batch_size: int = 16
+    sharding: str = "strided"
     H: int = 1
     compressor: str = "none"
     ratio: float = 0.01
@@ -604,8 +626,9 @@ class RunConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.mode == "local_sgd" and self.eval_every % self.H:
-            raise ValueError(f"eval_every ({self.eval_every}) must be a multiple of H ({self.H})")
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"unknown sharding {self.sharding!r}; choose one of: "
+                             f"{', '.join(SHARDINGS)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         return self
@@ -657,7 +680,11 @@ def _train_one(cfg: RunConfig, rank: int, world: int, X: torch.Tensor, y: torch.
     rounds, diverged = 0, False
 
     def log(t: int) -> bool:
-        value = _full_loss(model, X, y, loss_fn)
+        evaluated = model
+        if cfg.mode == "local_sgd" and t % cfg.H and t != cfg.steps:
+            evaluated = copy.deepcopy(model)          # the workers differ: measure their average
+            average_parameters(evaluated)
+        value = _full_loss(evaluated, X, y, loss_fn)
         record["step"].append(t)
         record["loss"].append(value)
         record["rounds"].append(rounds)
@@ -665,22 +692,29 @@ def _train_one(cfg: RunConfig, rank: int, world: int, X: torch.Tensor, y: torch.
         return math.isfinite(value)
 
     log(0)
-    batches = shard_batches(len(X), rank, world, cfg.batch_size, cfg.steps, seed=cfg.seed)
+    batches = shard_batches(len(X), rank, world, cfg.batch_size, cfg.steps, seed=cfg.seed,
+                            sharding=cfg.sharding)
     for t, idx in enumerate(batches, start=1):
         opt.zero_grad(set_to_none=True)
         loss_fn(net(X[idx]), y[idx]).backward()
         if compressor is not None:
             _set_flat_grad(model, compressor(flat_grad(model)))
         opt.step()
-        if cfg.mode == "local_sgd" and t % cfg.H == 0:
+        if cfg.mode != "local_sgd":
+            rounds += 1
+        elif t % cfg.H == 0 or t == cfg.steps:
+            # local SGD averages every H steps, and once more at the end when H does not
+            # divide the steps: the run returns the average, not one worker's model
             comm["bytes"] += average_parameters(model)
             rounds += 1
-        elif cfg.mode != "local_sgd":
-            rounds += 1
         if t % cfg.eval_every == 0 or t == cfg.steps:
-            # every worker holds the same parameters here, so all agree on divergence
+            # the loss of the average (local SGD between rounds) or of the common model: the
+            # same number on every worker, so all agree on divergence
             if not log(t):
                 diverged = True
+                if cfg.mode == "local_sgd" and t % cfg.H and t != cfg.steps:
+                    comm["bytes"] += average_parameters(model)
+                    rounds += 1
                 break
     result = {"config": asdict(cfg), "world_size": world, "diverged": diverged, **record}
     if cfg.return_params:
@@ -789,14 +823,83 @@ def least_squares_sgd_steps(X: torch.Tensor, y: torch.Tensor, batch_sizes: Seque
         grad = torch.zeros_like(W).index_add_(0, run_of_sample, r.unsqueeze(1) * xb)
         W = (W - lr * grad / m.unsqueeze(1)).nan_to_num(nan=1e30).clamp(-1e30, 1e30)
         log_loss = torch.log((0.5 * ((W @ H) * W).sum(1) - W @ b + c).clamp_min(1e-300) / c)
-        # the crossing time, interpolating log(loss) linearly between steps t-1 and t
-        crossed = (log_loss < log_target) & torch.isinf(hit)
-        frac = (log_prev - log_target) / (log_prev - log_loss)
-        hit = torch.where(crossed, t - 1 + frac, hit)
+        hit = _record_crossing(hit, t, log_prev, log_loss, log_target)
         log_prev = log_loss
         if torch.isfinite(hit).all():
             break
     return hit.view(M, reps, E)
+
+
+def _record_crossing(hit: torch.Tensor, t: int, log_prev: torch.Tensor, log_now: torch.Tensor,
+                     log_target: float) -> torch.Tensor:
+    """Fill in the crossing time of the runs that crossed ``log_target`` between steps
+    ``t - 1`` and ``t`` (``log(loss)`` interpolated linearly between the two steps)."""
+    crossed = (log_now < log_target) & torch.isinf(hit)
+    frac = (log_prev - log_target) / (log_prev - log_now)
+    return torch.where(crossed, t - 1 + frac, hit)
+
+
+def least_squares_expected_steps(X: torch.Tensor, e0: torch.Tensor, batch_sizes: Sequence[int],
+                                 etas: torch.Tensor, *, steps: int,
+                                 target: float = 1e-4) -> torch.Tensor:
+    """Steps after which the *expected* loss of mini-batch SGD on interpolating least squares
+    falls below ``target`` times its initial value, computed exactly (no sampling).
+
+    With batches of ``m`` samples drawn i.i.d. uniformly and :math:`e_t = w_t - w^*`,
+    :math:`e_{t+1} = (I - \eta H_b) e_t`, so the second moment :math:`S_t = \E[e_te_t^\top]`
+    obeys the linear recursion (the independence of the draws gives
+    :math:`\E[H_b S H_b] = \frac1m \E[xx^\top S xx^\top] + (1-\frac1m) HSH`)
+
+    .. math:: S_{t+1} = S_t - \eta(HS_t + S_tH)
+              + \eta^2\Big(\tfrac1m \tfrac1n\sum_i (x_i^\top S_t x_i)\, x_ix_i^\top
+              + \big(1 - \tfrac1m\big) HS_tH\Big),
+
+    and :math:`\E f(w_t) = \frac12 \tr(HS_t)`. The recursion is a symmetric linear map on
+    :math:`S` (:math:`d^2 \times d^2`), diagonalized once per (batch size, step); this is
+    what Ma, Bassily and Belkin's bound (:func:`optimal_step`) bounds. ``e0``: the initial
+    error :math:`w_0 - w^*` (``d``); ``etas``: an (M, E) tensor as in
+    :func:`least_squares_sgd_steps`. Returns (M, E) fractional crossing times (``log`` of the
+    expected loss interpolated linearly between steps), ``inf`` where the target is not
+    reached within ``steps`` (or the expected loss grows). For ``d`` up to a few tens.
+    """
+    M = len(batch_sizes)
+    etas = torch.as_tensor(etas, dtype=X.dtype)
+    if X.dim() != 2 or e0.shape != (X.shape[1],):
+        raise ValueError(f"need X (n, d) and e0 (d,), got {tuple(X.shape)} and {tuple(e0.shape)}")
+    if etas.dim() != 2 or etas.shape[0] != M:
+        raise ValueError(f"etas must be (len(batch_sizes)={M}, E), got shape {tuple(etas.shape)}")
+    if not 0 < target < 1:
+        raise ValueError(f"target must lie in (0, 1), got {target!r}")
+    if M == 0 or min(batch_sizes) < 1:
+        raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)!r}")
+    n, d = X.shape
+    H = X.T @ X / n
+    eye = torch.eye(d, dtype=X.dtype)
+    first = torch.kron(H, eye) + torch.kron(eye, H)          # S -> HS + SH, on vec(S)
+    xx = (X[:, :, None] * X[:, None, :]).reshape(n, d * d)   # vec(x_i x_i^T)
+    fourth = xx.T @ xx / n                                   # S -> E[x x^T S x x^T]
+    cross = torch.kron(H, H)                                 # S -> H S H
+    m = torch.as_tensor(batch_sizes, dtype=X.dtype)[:, None, None, None]
+    eta = etas[:, :, None, None]
+    T = (torch.eye(d * d, dtype=X.dtype) - eta * first
+         + eta**2 * (fourth / m + (1 - 1 / m) * cross)).reshape(-1, d * d, d * d)
+    mu, U = torch.linalg.eigh(T)
+    # E f(w_t) = 1/2 vec(H)^T T^t vec(S_0) = sum_k c_k mu_k^t
+    c = 0.5 * (H.reshape(-1) @ U) * (torch.outer(e0, e0).reshape(-1) @ U)
+    loss0 = c.sum(1)
+    hit = torch.full((len(c),), math.inf, dtype=X.dtype)
+    log_target, log_prev = math.log(target), torch.zeros(len(c), dtype=X.dtype)
+    live = torch.ones(len(c), dtype=torch.bool)
+    for t in range(1, steps + 1):
+        c = c * mu
+        c = torch.where(c.abs() < 1e-250, 0.0, c)          # no subnormal arithmetic
+        log_loss = torch.log((c.sum(1) / loss0).clamp_min(1e-300))
+        hit = _record_crossing(hit, t, log_prev, log_loss, log_target)
+        live &= log_loss < 50                               # expected loss blew up: inf
+        log_prev = log_loss
+        if not (live & torch.isinf(hit)).any():
+            break
+    return hit.view(M, -1)
 
 
 # =======================================================================================
@@ -817,6 +920,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--sharding", choices=SHARDINGS, default="strided")
     parser.add_argument("--H", type=int, default=1)
     parser.add_argument("--compressor", choices=list(COMPRESSORS), default="none")
     parser.add_argument("--ratio", type=float, default=0.01)
@@ -827,9 +931,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     a = parser.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfg = RunConfig(mode=a.mode, steps=a.steps, lr=a.lr, batch_size=a.batch_size, H=a.H,
-                    compressor=a.compressor, ratio=a.ratio, levels=a.levels,
-                    error_feedback=a.error_feedback, seed=a.seed,
-                    eval_every=max(a.H, a.steps // 10 // a.H * a.H or a.H)).validate()
+                    sharding=a.sharding, compressor=a.compressor, ratio=a.ratio,
+                    levels=a.levels, error_feedback=a.error_feedback, seed=a.seed,
+                    eval_every=max(1, a.steps // 10)).validate()
     from .data import digits
 
     data = digits(seed=a.seed)

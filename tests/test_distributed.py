@@ -222,3 +222,116 @@ def test_least_squares_steps_full_batch_matches_gd():
                                       steps=50, reps=2, target=1e-4)
     expected = math.log(1e-4) / (2 * math.log(0.5))        # loss scales by 1/4 per step
     torch.testing.assert_close(steps, torch.full((2, 2, 1), expected, dtype=torch.float64))
+
+
+# --- local SGD, sharding, the exact second-moment recursion ---------------------------------
+
+def _local_sgd_by_hand(cfg: D.RunConfig, X, y, world: int):
+    """Local SGD simulated in one process: the final (averaged) parameters and the loss of the
+    workers' average at every evaluation step."""
+    models = [D.build_model(cfg, X.shape[1], int(y.max()) + 1) for _ in range(world)]
+    opts = [torch.optim.SGD(m.parameters(), lr=cfg.lr) for m in models]
+    shards = [D.shard_batches(len(X), r, world, cfg.batch_size, cfg.steps, seed=cfg.seed,
+                              sharding=cfg.sharding) for r in range(world)]
+    loss_fn = LOSSES[cfg.loss]
+
+    def average():
+        return {k: torch.stack([m.state_dict()[k] for m in models]).mean(0)
+                for k in models[0].state_dict()}
+
+    def loss_of(params):
+        probe = D.build_model(cfg, X.shape[1], int(y.max()) + 1)
+        probe.load_state_dict(params)
+        with torch.no_grad():
+            return float(loss_fn(probe(X), y))
+
+    losses = {0: loss_of(average())}
+    for t, parts in enumerate(zip(*shards), start=1):
+        for m, o, idx in zip(models, opts, parts):
+            o.zero_grad()
+            loss_fn(m(X[idx]), y[idx]).backward()
+            o.step()
+        if t % cfg.H == 0 or t == cfg.steps:
+            avg = average()
+            for m in models:
+                m.load_state_dict(avg)
+        if t % cfg.eval_every == 0 or t == cfg.steps:
+            losses[t] = loss_of(average())
+    return average(), losses
+
+
+def test_local_sgd_ends_with_the_average_when_H_does_not_divide_steps():
+    # 5 steps with H = 3: averaged after step 3 and, since 3 does not divide 5, after step 5
+    X = torch.randn(64, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(1))
+    cfg = D.RunConfig(mode="local_sgd", H=3, hidden=(6,), lr=0.5, steps=5, batch_size=4,
+                      dtype="float64", return_params=True, eval_every=3)
+    rec = D.train_distributed([cfg], X, y, world_size=2, timeout=120)[0]
+    params, losses = _local_sgd_by_hand(cfg, X, y, 2)
+    for k, v in params.items():
+        torch.testing.assert_close(rec["params"][k], v, rtol=1e-10, atol=1e-12)
+    assert rec["rounds"][-1] == 2                 # after steps 3 and 5
+    d = sum(v.numel() for v in params.values())
+    assert rec["bytes"][-1] == 2 * 8 * d          # two float64 all-reduces of d entries
+    torch.testing.assert_close(torch.tensor(rec["loss"]),
+                               torch.tensor([losses[t] for t in rec["step"]]))
+
+
+def test_local_sgd_records_the_average_between_rounds_with_heterogeneous_shards():
+    # eval_every = 10 with H = 50 (any combination works); contiguous shards of sorted labels
+    g = torch.Generator().manual_seed(2)
+    y, order = torch.randint(0, 4, (80,), generator=g).sort()
+    X = torch.randn(80, 3, dtype=torch.float64, generator=g) + y[:, None].double()
+    cfg = D.RunConfig(mode="local_sgd", H=50, hidden=(5,), lr=0.2, steps=30, batch_size=5,
+                      dtype="float64", eval_every=10, sharding="contiguous", return_params=True)
+    rec = D.train_distributed([cfg], X, y, world_size=2, timeout=120)[0]
+    params, losses = _local_sgd_by_hand(cfg, X, y, 2)
+    assert rec["step"] == [0, 10, 20, 30] and rec["rounds"] == [0, 0, 0, 1]
+    torch.testing.assert_close(torch.tensor(rec["loss"]),
+                               torch.tensor([losses[t] for t in rec["step"]]))
+    for k, v in params.items():
+        torch.testing.assert_close(rec["params"][k], v, rtol=1e-10, atol=1e-12)
+
+
+def test_shard_batches_strided_and_contiguous():
+    n, world = 11, 3
+    for sharding in D.SHARDINGS:
+        seen = [torch.cat(list(D.shard_batches(n, r, world, 2, 20, sharding=sharding))).unique()
+                for r in range(world)]
+        assert sorted(torch.cat(seen).tolist()) == list(range(n))      # disjoint, complete
+        if sharding == "strided":
+            assert all((s % world == r).all() for r, s in enumerate(seen))
+        else:                                                          # blocks of 4, 4, 3
+            assert [s.tolist() for s in seen] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
+    with pytest.raises(ValueError, match="unknown sharding 'random'"):
+        next(D.shard_batches(n, 0, world, 2, 1, sharding="random"))
+    with pytest.raises(ValueError, match="unknown sharding 'random'"):
+        D.RunConfig(sharding="random").validate()
+
+
+def test_expected_steps_match_gd_and_brute_force_expectation():
+    # one sample: the batch is always the same, SGD is GD, as in the sampled version
+    X = torch.tensor([[2.0, 0.0]], dtype=torch.float64)
+    steps = D.least_squares_expected_steps(X, torch.tensor([-1.0, 0.0], dtype=torch.float64),
+                                           [1, 3], torch.tensor([[0.125], [0.125]]), steps=50,
+                                           target=1e-4)
+    torch.testing.assert_close(steps, torch.full((2, 1), math.log(1e-4) / (2 * math.log(0.5)),
+                                                 dtype=torch.float64))
+    # three samples, batches of two: average the loss over all 9^3 index sequences
+    X = torch.tensor([[1.0, 0.5], [-0.3, 1.2], [0.8, -0.7]], dtype=torch.float64)
+    e0, eta = torch.tensor([1.0, -2.0], dtype=torch.float64), 0.6
+    H = X.T @ X / 3
+    level = [0.5 * float(e0 @ H @ e0)]
+    errors = [e0]
+    for _ in range(3):
+        errors = [(torch.eye(2, dtype=torch.float64)
+                   - eta * (torch.outer(X[i], X[i]) + torch.outer(X[j], X[j])) / 2) @ e
+                  for e in errors for i in range(3) for j in range(3)]
+        level.append(sum(0.5 * float(e @ H @ e) for e in errors) / len(errors))
+    t = next(k for k, v in enumerate(level) if v < 0.3 * level[0])     # first step below
+    lp, ln = math.log(level[t - 1] / level[0]), math.log(level[t] / level[0])
+    expected = t - 1 + (lp - math.log(0.3)) / (lp - ln)
+    got = D.least_squares_expected_steps(X, e0, [2], torch.tensor([[eta]]), steps=3, target=0.3)
+    torch.testing.assert_close(got, torch.tensor([[expected]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="target"):
+        D.least_squares_expected_steps(X, e0, [2], torch.tensor([[eta]]), steps=3, target=2.0)
