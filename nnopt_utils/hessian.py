@@ -73,7 +73,8 @@ def hvp(loss_fn: Callable, params, v):
     from torch.func import grad, jvp
 
     if not callable(loss_fn):
-        raise ValueError(f"loss_fn must be callable(params) -> scalar, got {type(loss_fn).__name__}")
+        raise ValueError(f"loss_fn must be callable(params) -> scalar, got "
+                         f"{type(loss_fn).__name__}")
     single = isinstance(params, torch.Tensor)
     p, vv = _as_tuple(params, "params"), _as_tuple(v, "v")
     _same_shapes(p, vv, "params", "v")
