@@ -117,7 +117,8 @@ def conjugate_gradient(Av: Callable[[torch.Tensor], torch.Tensor], b: torch.Tens
     ``2 ((sqrt(kappa) - 1) / (sqrt(kappa) + 1))^k``. Stops when
     ``||r_k|| <= tol * ||b||``, after ``max_iter`` steps (default ``n``), or when a direction
     of non-positive curvature appears (then ``x`` is the last iterate, as in truncated Newton).
-    ``b`` may have any shape; inner products are over all entries.
+    ``b = 0`` returns ``x = 0``, the solution, whatever ``x0``. ``b`` may have any shape; inner
+    products are over all entries.
     """
     if not callable(Av):
         raise ValueError(f"Av must be callable(v) -> A v, got {type(Av).__name__}")
@@ -126,15 +127,18 @@ def conjugate_gradient(Av: Callable[[torch.Tensor], torch.Tensor], b: torch.Tens
     tol = _positive("tol", tol, allow_zero=True)
     n = b.numel()
     max_iter = n if max_iter is None else _positive_int("max_iter", max_iter)
+    if x0 is not None and (not isinstance(x0, torch.Tensor) or x0.shape != b.shape):
+        shape = tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__
+        raise ValueError(f"x0 must be a tensor of b's shape {tuple(b.shape)}, got {shape}")
+    bnorm = float(b.norm())
+    if bnorm == 0:  # A x = 0 with A positive definite: x = 0 (a relative test cannot stop)
+        return CGResult(torch.zeros_like(b), 0, [0.0], True)
     x = torch.zeros_like(b) if x0 is None else x0.clone()
-    if x.shape != b.shape:
-        raise ValueError(f"x0 must have b's shape {tuple(b.shape)}, got {tuple(x.shape)}")
     r = b - Av(x) if x0 is not None else b.clone()
     p = r.clone()
     rr = (r * r).sum()
-    bnorm = float(b.norm())
     residuals = [float(rr.sqrt())]
-    if residuals[0] <= tol * bnorm or bnorm == 0:
+    if residuals[0] <= tol * bnorm:
         return CGResult(x, 0, residuals, True)
     for k in range(1, max_iter + 1):
         Ap = Av(p)
@@ -160,17 +164,21 @@ def conjugate_gradient(Av: Callable[[torch.Tensor], torch.Tensor], b: torch.Tens
 
 @dataclass
 class HFResult:
-    """Parameters after each outer step of :func:`hessian_free` and what it cost."""
+    """The parameters after the last outer step of :func:`hessian_free`, the loss after each
+    step (first: the initial loss), and per step: the CG iterations, the curvature-vector
+    products actually evaluated (each costs about two gradients: CG's, the initial residual's
+    when CG is warm-started, and the one in the reduction ratio ``rho``), and the damping."""
 
     params: torch.Tensor
     losses: list[float]
     cg_iterations: list[int]
     damping: list[float]
+    step_products: list[int] = field(default_factory=list)
 
     @property
     def products(self) -> int:
-        """Total curvature-vector products used (each costs about two gradients)."""
-        return int(sum(self.cg_iterations))
+        """Total curvature-vector products evaluated, counted at the operator."""
+        return int(sum(self.step_products))
 
 
 def hessian_free(loss_fn: Callable[[torch.Tensor], torch.Tensor], params: torch.Tensor, *,
@@ -187,7 +195,8 @@ def hessian_free(loss_fn: Callable[[torch.Tensor], torch.Tensor], params: torch.
     ``out_loss_fn`` with ``loss_fn(p) = out_loss_fn(model_fn(p))``). Then ``x <- x + d`` if it
     lowers the loss. Levenberg-Marquardt damping: with the reduction ratio
     ``rho = (f(x+d) - f(x)) / (g^T d + d^T B d / 2)``, ``lambda`` is multiplied by 2/3 when
-    ``rho > 3/4`` and by 3/2 when ``rho < 1/4``.
+    ``rho > 3/4`` and by 3/2 when ``rho < 1/4``. ``HFResult.products`` counts every curvature
+    product evaluated (CG's, a warm start's initial residual, and the one in ``rho``).
     """
     from torch.func import grad
 
@@ -202,20 +211,25 @@ def hessian_free(loss_fn: Callable[[torch.Tensor], torch.Tensor], params: torch.
     cg_iters = _positive_int("cg_iters", cg_iters)
     lam = _positive("damping", damping, allow_zero=True)
     x = params.detach().clone()
-    losses, iters, lams = [float(loss_fn(x))], [], []
+    losses, iters, lams, counts = [float(loss_fn(x))], [], [], []
     d_prev = torch.zeros_like(x)
     for _ in range(steps):
         g = grad(loss_fn)(x)
-        if curvature == "hessian":
-            B = lambda v, x=x: hvp(loss_fn, x, v)  # noqa: E731
-        else:
-            B = lambda v, x=x: gnvp(model_fn, out_loss_fn, x, v)  # noqa: E731
-        res = conjugate_gradient(lambda v: B(v) + lam * v, -g, x0=0.95 * d_prev,
-                                 max_iter=cg_iters, tol=cg_tol)
+        count = [0]
+
+        def B(v, x=x, count=count):  # the curvature product, counted where it is evaluated
+            count[0] += 1
+            return hvp(loss_fn, x, v) if curvature == "hessian" else \
+                gnvp(model_fn, out_loss_fn, x, v)
+
+        warm = 0.95 * d_prev if bool(d_prev.any()) else None  # A 0 = 0 needs no product
+        res = conjugate_gradient(lambda v: B(v) + lam * v, -g, x0=warm, max_iter=cg_iters,
+                                 tol=cg_tol)
         d = res.x
-        iters.append(res.iterations + 1)  # + the product for the initial residual
+        iters.append(res.iterations)
         new = float(loss_fn(x + d))
         model_red = float(g @ d + 0.5 * d @ B(d))
+        counts.append(count[0])
         rho = (new - losses[-1]) / model_red if model_red < 0 else -1.0
         if adapt_damping:
             lam = lam * 2 / 3 if rho > 0.75 else (lam * 1.5 if rho < 0.25 else lam)
@@ -226,7 +240,7 @@ def hessian_free(loss_fn: Callable[[torch.Tensor], torch.Tensor], params: torch.
         else:
             d_prev = torch.zeros_like(x)
             losses.append(losses[-1])
-    return HFResult(x, losses, iters, lams)
+    return HFResult(x, losses, iters, lams, counts)
 
 
 # ---------------------------------------------------------------------------------------
@@ -235,16 +249,21 @@ def hessian_free(loss_fn: Callable[[torch.Tensor], torch.Tensor], params: torch.
 def matrix_power(M: torch.Tensor, p: float, eps: float = 0.0) -> torch.Tensor:
     """``(M + eps I)^p`` of a symmetric positive semi-definite matrix via ``eigh``.
 
-    Eigenvalues are clamped at 0 before adding ``eps``; with ``eps = 0`` and a negative ``p``
-    the inverse power is taken on the range of ``M`` only (a pseudo-inverse power).
+    ``Q diag((lambda_i + eps)^p) Q^T`` with the eigenvalues clamped at 0 first. With ``eps > 0``
+    every direction gets ``(lambda_i + eps)^p``, so a negative power of a null direction is
+    ``eps^p`` (large), as Shampoo's damping intends: ``matrix_power(diag(1e8, 0), -1/4, 1e-4)``
+    is ``diag(0.01, 10)``. Only with ``eps = 0`` and ``p < 0`` is the power taken on the range of
+    ``M`` alone (eigenvalues below ``n eps_mach lambda_max`` count as 0: a pseudo-inverse power).
     """
     if not isinstance(M, torch.Tensor) or M.dim() != 2 or M.shape[0] != M.shape[1]:
         raise ValueError(f"M must be a square matrix, got shape "
                          f"{tuple(M.shape) if isinstance(M, torch.Tensor) else type(M).__name__}")
     eps = _positive("eps", eps, allow_zero=True)
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p):
+        raise ValueError(f"p must be a finite number, got {p!r}")
     lam, Q = torch.linalg.eigh(0.5 * (M + M.T))
     lam = lam.clamp_min(0) + eps
-    if p < 0:
+    if p < 0 and eps == 0:
         cutoff = lam.max() * M.shape[0] * torch.finfo(M.dtype).eps
         powered = torch.where(lam > cutoff, lam.clamp_min(cutoff) ** p, torch.zeros_like(lam))
     else:
@@ -328,7 +347,8 @@ class KFAC(torch.optim.Optimizer):
 
     ``step`` replaces each layer's gradient ``[dW, db]`` by
     :func:`kfac_precondition` ``(G + sqrt(d) I)^{-1} [dW, db] (A + sqrt(d) I)^{-1}`` and takes
-    ``p -= lr * direction``. Parameters outside Linear layers get a plain SGD step. For a single
+    ``p -= lr * direction``. The factors live in ``state[layer.weight]`` (keys ``"A"``, ``"G"``),
+    so ``state_dict`` / ``load_state_dict`` carry them; :attr:`factors` reads them by layer. Parameters outside Linear layers get a plain SGD step. For a single
     linear layer with squared error, ``fisher='exact'``, ``damping -> 0`` and ``lr = 1``, one
     step is Newton's step and lands on the least-squares solution.
     """
@@ -353,8 +373,13 @@ class KFAC(torch.optim.Optimizer):
         super().__init__(list(model.parameters()), dict(lr=lr, damping=damping))
         self.ema, self.fisher, self.likelihood = ema, fisher, likelihood
         self._io: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.factors: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]] = {}
         self._hooks = [m.register_forward_hook(self._record) for m in self.layers]
+
+    @property
+    def factors(self) -> dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]]:
+        """``{layer: (A, G)}`` for the layers whose curvature has been recorded."""
+        return {m: (self.state[m.weight]["A"], self.state[m.weight]["G"])
+                for m in self.layers if "A" in self.state[m.weight]}
 
     def _record(self, module, inputs, output) -> None:
         if torch.is_grad_enabled():
@@ -393,11 +418,12 @@ class KFAC(torch.optim.Optimizer):
         grads = [torch.autograd.grad(out, outs, grad_outputs=v, retain_graph=True) for v in V]
         for i, m in enumerate(self.layers):
             g = torch.stack([gr[i] for gr in grads])
-            A, G = kfac_factors(self._io[m][0], g, bias=m.bias is not None)
-            if m in self.factors and self.ema > 0:
-                A0, G0 = self.factors[m]
-                A, G = self.ema * A0 + (1 - self.ema) * A, self.ema * G0 + (1 - self.ema) * G
-            self.factors[m] = (A, G)
+            A, G = kfac_factors(self._io[m][0].detach(), g.detach(), bias=m.bias is not None)
+            st = self.state[m.weight]
+            if "A" in st and self.ema > 0:
+                A = self.ema * st["A"] + (1 - self.ema) * A
+                G = self.ema * st["G"] + (1 - self.ema) * G
+            st["A"], st["G"] = A, G
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -411,9 +437,10 @@ class KFAC(torch.optim.Optimizer):
         for m in self.layers:
             if m.weight.grad is None:
                 continue
-            if m not in self.factors:
+            st = self.state[m.weight]
+            if "A" not in st:
                 raise ValueError("call update_curvature(out) before step()")
-            A, G = self.factors[m]
+            A, G = st["A"], st["G"]
             grad = m.weight.grad
             if m.bias is not None:
                 grad = torch.cat([grad, m.bias.grad.unsqueeze(1)], 1)

@@ -84,6 +84,15 @@ def test_cg_negative_curvature_and_x0():
     assert res.iterations == 0 and res.converged
 
 
+def test_cg_zero_right_hand_side_returns_zero():
+    # b = 0: the solution is 0, whatever the start (a relative test ||r|| <= tol ||b|| = 0
+    # never stops, and the start is not a solution)
+    A = spd(8)
+    for x0 in (None, torch.ones(8, dtype=D)):
+        res = so.conjugate_gradient(lambda v: A @ v, torch.zeros(8, dtype=D), x0=x0)
+        assert res.converged and torch.equal(res.x, torch.zeros(8, dtype=D))
+
+
 def _linear_layer_problem(n=40, d=4, k=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, d, dtype=D, generator=g)
@@ -159,6 +168,42 @@ def test_kfac_categorical_exact_G_is_mean_output_hessian():
         o2.remove_hooks()
 
 
+def test_kfac_state_dict_round_trip_keeps_curvature():
+    """Saving and loading mid-run must continue the same run: the Kronecker factors (an
+    exponential average here) are part of the state."""
+    import copy
+
+    g = torch.Generator().manual_seed(9)
+    X, y = torch.randn(64, 6, dtype=D, generator=g), torch.randint(0, 3, (64,), generator=g)
+    model = nu.mlp(6, [8], 3, seed=0).double()
+    opt = so.KFAC(model, lr=0.3, damping=1e-2, ema=0.9, fisher="exact",
+                  likelihood="categorical")
+    lossf = torch.nn.functional.cross_entropy
+
+    def run(m, o, steps):
+        for _ in range(steps):
+            out = m(X)
+            o.update_curvature(out)
+            o.zero_grad()
+            lossf(out, y).backward()
+            o.step()
+
+    run(model, opt, 3)
+    sd = copy.deepcopy(opt.state_dict())
+    assert {"A", "G"} <= set(sd["state"][0])
+    clone = nu.mlp(6, [8], 3, seed=1).double()  # other weights, overwritten from the save
+    clone.load_state_dict(model.state_dict())
+    opt2 = so.KFAC(clone, lr=0.3, damping=1e-2, ema=0.9, fisher="exact",
+                   likelihood="categorical")
+    opt2.load_state_dict(sd)
+    for layer, twin in zip(opt.layers, opt2.layers):
+        torch.testing.assert_close(opt2.factors[twin], opt.factors[layer], rtol=0, atol=0)
+    run(model, opt, 2)
+    run(clone, opt2, 2)
+    for p, q in zip(model.parameters(), clone.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
 def test_kfac_trains_mlp_on_digits():
     ds = nu.digits()
     X, y = ds.X[:512], ds.y[:512]
@@ -193,6 +238,28 @@ def test_shampoo_one_step_is_polar_factor():
     torch.testing.assert_close(W.detach(), -0.5 * U @ Vh)
 
 
+def test_shampoo_first_step_with_eps_is_polar_factor():
+    # G = I with G[0, 0] = 1000 in float32: U V^T = I. With eps > 0 every direction gets
+    # (s^2 + eps)^(-1/4); the pseudo-inverse cutoff (10 * 1e6 * eps_mach = 1.2 > 1) dropped all
+    # but the first, so only coordinate 0 moved
+    for dtype in (torch.float32, D):
+        G = torch.eye(10, dtype=dtype)
+        G[0, 0] = 1000.0
+        W = torch.nn.Parameter(torch.zeros(10, 10, dtype=dtype))
+        opt = so.Shampoo([W], lr=0.5, eps=1e-4)
+        W.grad = G.clone()
+        opt.step()
+        torch.testing.assert_close(W.detach(), -0.5 * torch.eye(10, dtype=dtype), rtol=0,
+                                   atol=1e-4)
+    # a vector: (g g^T + eps I)^{-1/2} g = g / sqrt(|g|^2 + eps), g an eigenvector
+    b = torch.nn.Parameter(torch.zeros(3, dtype=D))
+    opt = so.Shampoo([b], lr=1.0, eps=1e-4)
+    gv = torch.tensor([3.0, 1e-3, 0.0], dtype=D)
+    b.grad = gv.clone()
+    opt.step()
+    torch.testing.assert_close(b.detach(), -gv / (gv.dot(gv) + 1e-4).sqrt(), rtol=1e-12, atol=0)
+
+
 def test_shampoo_vector_and_second_step():
     g = torch.Generator().manual_seed(7)
     b = torch.nn.Parameter(torch.zeros(4, dtype=D))
@@ -222,6 +289,17 @@ def test_matrix_power():
     torch.testing.assert_close(R @ R @ R @ R, A)
 
 
+def test_matrix_power_eps_keeps_null_directions():
+    M = torch.diag(torch.tensor([1e8, 0.0], dtype=D))
+    torch.testing.assert_close(so.matrix_power(M, -0.25, eps=1e-4),
+                               torch.diag(torch.tensor([0.01, 10.0], dtype=D)))
+    # eps = 0: the pseudo-inverse power, on the range only
+    torch.testing.assert_close(so.matrix_power(M, -0.25),
+                               torch.diag(torch.tensor([0.01, 0.0], dtype=D)))
+    with pytest.raises(ValueError, match="p must be a finite number"):
+        so.matrix_power(M, float("nan"))
+
+
 def test_hessian_free_beats_gd_on_small_net():
     data, _ = nu.teacher_student(64, 4, width=3, activation="tanh", seed=0, dtype=D)
     X, y = data.X, data.y
@@ -241,6 +319,35 @@ def test_hessian_free_beats_gd_on_small_net():
     assert hf.losses[-1] < 1e-2 * hf.losses[0]
     hh = so.hessian_free(loss_fn, p0, steps=3, cg_iters=5, damping=1.0, curvature="hessian")
     assert hh.losses[-1] < hh.losses[0]
+
+
+@pytest.mark.parametrize("curvature", ["gauss_newton", "hessian"])
+def test_hessian_free_counts_every_product(monkeypatch, curvature):
+    data, _ = nu.teacher_student(32, 3, width=2, activation="tanh", seed=1, dtype=D)
+    X, y = data.X, data.y
+
+    def model_fn(p):
+        return torch.tanh(X @ p[:12].reshape(4, 3).T) @ p[12:]
+
+    out_loss = lambda o: 0.5 * (o - y).pow(2).mean()  # noqa: E731
+    loss_fn = lambda p: out_loss(model_fn(p))  # noqa: E731
+    calls = [0]
+    name = "gnvp" if curvature == "gauss_newton" else "hvp"
+    original = getattr(so, name)
+
+    def counted(*args):
+        calls[0] += 1
+        return original(*args)
+
+    monkeypatch.setattr(so, name, counted)
+    p0 = 0.5 * torch.randn(16, dtype=D, generator=torch.Generator().manual_seed(2))
+    hf = so.hessian_free(loss_fn, p0, steps=6, cg_iters=4, damping=1.0, curvature=curvature,
+                         model_fn=model_fn, out_loss_fn=out_loss)
+    assert hf.products == calls[0] and sum(hf.step_products) == calls[0]
+    # per step: CG's products, the warm start's residual (not on the first step: x0 = 0),
+    # and the product in rho
+    assert hf.step_products[0] == hf.cg_iterations[0] + 1
+    assert all(c >= i + 1 for c, i in zip(hf.step_products, hf.cg_iterations))
 
 
 def test_block_coordinate_descent_monotone():
