@@ -347,10 +347,11 @@ class KFAC(torch.optim.Optimizer):
 
     ``step`` replaces each layer's gradient ``[dW, db]`` by
     :func:`kfac_precondition` ``(G + sqrt(d) I)^{-1} [dW, db] (A + sqrt(d) I)^{-1}`` and takes
-    ``p -= lr * direction``. The factors live in ``state[layer.weight]`` (keys ``"A"``, ``"G"``),
-    so ``state_dict`` / ``load_state_dict`` carry them; :attr:`factors` reads them by layer. Parameters outside Linear layers get a plain SGD step. For a single
+    ``p -= lr * direction``. Parameters outside Linear layers get a plain SGD step. For a single
     linear layer with squared error, ``fisher='exact'``, ``damping -> 0`` and ``lr = 1``, one
-    step is Newton's step and lands on the least-squares solution.
+    step is Newton's step and lands on the least-squares solution. The factors live in
+    ``state[layer.weight]`` (keys ``"A"``, ``"G"``), so ``state_dict`` and ``load_state_dict``
+    carry them; :attr:`factors` reads them by layer.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1.0, damping: float = 1e-3,
@@ -523,8 +524,9 @@ class Shampoo(torch.optim.Optimizer):
                     G = p.grad.reshape(p.shape[0], -1)
                     if not st:
                         st["step"] = 0
-                        st["L"] = torch.zeros(G.shape[0], G.shape[0], dtype=G.dtype, device=G.device)
-                        st["R"] = torch.zeros(G.shape[1], G.shape[1], dtype=G.dtype, device=G.device)
+                        m, k = G.shape
+                        st["L"] = torch.zeros(m, m, dtype=G.dtype, device=G.device)
+                        st["R"] = torch.zeros(k, k, dtype=G.dtype, device=G.device)
                     st["L"] += G @ G.T
                     st["R"] += G.T @ G
                     if st["step"] % freq == 0:
