@@ -580,17 +580,24 @@ MODES = ("ddp", "local_sgd", "compressed")
 class RunConfig:
     """One data-parallel training run (an MLP with SGD) to do inside the workers.
 
-    mode: ``ddp`` (DistributedDataParallel: gradients averaged every step), ``local_sgd``
+    Attributes
+    ----------
+    mode
+        ``ddp`` (DistributedDataParallel: gradients averaged every step), ``local_sgd``
         (each worker takes ``H`` local SGD steps, then parameters are averaged; also after
         the last step, so the run ends with one model), or ``compressed`` (gradients
         averaged through ``compressor``).
-    batch_size: per worker; the effective batch is ``world_size * batch_size``.
-    sharding: how the data are split over the workers (see :func:`shard_batches`).
-    eval_every: the full training loss is recorded every so many steps and at the end. For
-        local SGD it is the loss of the workers' average, computed without changing them
-        (a measurement, not counted as communication), so any ``eval_every`` works with
-        any ``H``.
-    return_params: also return the final parameters (for equivalence checks).
+    batch_size
+        Per worker; the effective batch is ``world_size * batch_size``.
+    sharding
+        How the data are split over the workers (see :func:`shard_batches`).
+    eval_every
+        The full training loss is recorded every so many steps and at the end. For local
+        SGD it is the loss of the workers' average, computed without changing them (a
+        measurement, not counted as communication), so any ``eval_every`` works with any
+        ``H``.
+    return_params
+        Also return the final parameters (for equivalence checks).
     """
 
     mode: str = "ddp"
