@@ -85,7 +85,7 @@ def batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> torch.Tensor:
-    """Batch normalization (Ioffe and Szegedy, 2015) of ``x`` of shape (B, C) or (B, C, *).
+    """Batch normalization (Ioffe and Szegedy, 2015) of ``x`` of shape ``(B, C)`` or ``(B, C, *)``.
 
     In training mode, for each feature (channel) ``c`` with the ``m`` entries of the batch
     (and spatial positions) ``x_1, ..., x_m``:
@@ -161,12 +161,12 @@ def group_norm(
     *,
     eps: float = 1e-5,
 ) -> torch.Tensor:
-    """Group normalization (Wu and He, 2018) of ``x`` of shape (B, C) or (B, C, *).
+    """Group normalization (Wu and He, 2018) of ``x`` of shape ``(B, C)`` or ``(B, C, *)``.
 
     The ``C`` channels of each example are split into ``num_groups`` consecutive groups of
     ``C / G`` channels; each group (with its spatial positions) is standardized by its own
     mean and biased variance, then ``gamma_c xhat + beta_c`` per channel. ``G = 1`` is
-    LayerNorm over (C, *); ``G = C`` is instance normalization.
+    LayerNorm over ``(C, *)``; ``G = C`` is instance normalization.
     """
     _check_eps(eps)
     if x.dim() < 2:

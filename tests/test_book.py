@@ -122,3 +122,42 @@ PRIVATE = re.compile(r"\b(?:nu|nnopt_utils)(?:\.\w+)*\._\w+|from nnopt_utils[\w.
 def test_chapters_use_only_public_names(path):
     code = "\n".join(source(c) for c in load(path)["cells"] if c["cell_type"] == "code")
     assert not PRIVATE.findall(code), f"{path.name} reaches into private names: {PRIVATE.findall(code)}"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_code_cells_fit_88_columns(path):
+    """Code a reader sees (every cell the page shows, collapsed or not) fits the column."""
+    shown = [c for c in load(path)["cells"] if c["cell_type"] == "code"
+             and not {"remove-cell", "remove-input"} & set(tags(c))]
+    long = [line for c in shown for line in source(c).splitlines() if len(line) > 88]
+    assert not long, f"{path.name}: shown code lines over 88 columns: {long[:3]}"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_numbers_come_from_the_toolchain(path):
+    """Chapter and section numbers are added by the numbered toc, never typed by hand."""
+    md = "\n".join(source(c) for c in load(path)["cells"] if c["cell_type"] == "markdown")
+    typed = re.findall(r"^#{1,3} \d+(?:\.\d+)*\.? .*$", md, re.M)
+    assert not typed, f"{path.name}: hand-numbered headings: {typed}"
+
+
+def test_parts_are_numbered():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    parts = [p for p in toc["parts"] if any(c["file"].startswith("chapters/") for c in p["chapters"])]
+    assert parts and all(p.get("numbered") for p in parts), "every part of chapters is numbered"
+
+
+RAW_SEED = re.compile(r"torch\.(?:Generator\([^)]*\)\.)?manual_seed\(")
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_chapters_draw_through_the_global_seed(path):
+    """Every random draw of a chapter shifts with NNOPT_SEED: no raw torch seeding."""
+    code = "\n".join(source(c) for c in load(path)["cells"] if c["cell_type"] == "code")
+    assert not RAW_SEED.findall(code), f"{path.name}: seeds torch directly; use nu.generator"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_setup_cell_honours_the_install_source(path):
+    setup = next(c for c in load(path)["cells"] if c["cell_type"] == "code")
+    assert "NNOPT_INSTALL_SOURCE" in source(setup), f"{path.name}: setup cell ignores it"

@@ -43,4 +43,32 @@ echo "== chapter 11 (torch.distributed workers) against the install"
 cp "$ROOT/chapters/part3_optimizers/11_large_batch.ipynb" "$WORK/"
 NNOPT_QUIET=1 "$WORK/venv/bin/python" -P -m pytest -q -p no:cacheprovider --rootdir "$WORK" \
     -c /dev/null --nbval-lax --nbval-cell-timeout=300 "$WORK/11_large_batch.ipynb"
+echo "== the Colab path: a fresh kernel without nnopt_utils runs a chapter's setup cell"
+# The setup cell installs the package when it is missing; NNOPT_INSTALL_SOURCE points it at
+# this checkout instead of the repository URL.
+"$PYTHON" -m venv "$WORK/colab"
+"$WORK/colab/bin/python" -m pip install --quiet --upgrade pip
+"$WORK/colab/bin/python" -m pip install --quiet "$TORCH_SPEC" ipykernel nbclient
+if "$WORK/colab/bin/python" -c "import nnopt_utils" 2>/dev/null; then
+  echo "the Colab venv must start without nnopt_utils"; exit 1
+fi
+NNOPT_QUIET=1 NNOPT_INSTALL_SOURCE="$ROOT" "$WORK/colab/bin/python" -P - \
+    "$ROOT/chapters/part1_foundations/01_problem_formulation.ipynb" "$WORK/colab" <<'PY'
+import sys
+import nbformat
+from nbclient import NotebookClient
+path, venv = sys.argv[1], sys.argv[2]
+nb = nbformat.read(path, as_version=4)
+code = [c for c in nb.cells if c.cell_type == "code"]
+probe = nbformat.v4.new_code_cell(
+    "import nnopt_utils, os\n"
+    "print(os.path.realpath(nnopt_utils.__file__))\n"
+    "print(type(device).__name__, len(claims))")
+nb.cells = [code[0], probe]  # the setup cell, then a probe of what it left behind
+NotebookClient(nb, timeout=600, kernel_name="python3").execute()
+out = "".join(o.get("text", "") for o in nb.cells[1].outputs)
+print("   " + out.replace("\n", "\n   ").rstrip())
+assert out.startswith(venv) or "/colab/" in out, f"nnopt_utils not installed into the venv: {out}"
+assert "device 0" in out, out
+PY
 echo "== the installed package passed"
