@@ -37,8 +37,11 @@ def chapters() -> list[str]:
 @pytest.fixture(scope="module")
 def server():
     assert (HTML / "index.html").exists(), f"no built book at {HTML}; run `make book` first"
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(HTML))
-    handler.log_message = lambda *a, **k: None
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # the test reports failures itself
+            pass
+
+    handler = functools.partial(Quiet, directory=str(HTML))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
