@@ -24,13 +24,19 @@ swapped in and compared number for number.
 Two measurements go with them:
 
 * :func:`loss_along_gradient` -- the loss and the gradient along the gradient direction
-  (Santurkar et al., 2018: "loss landscape" and "gradient predictiveness");
+  (Santurkar et al., 2018: "loss landscape", "gradient predictiveness" and "effective
+  beta-smoothness");
 * :func:`bn_relu_gradient_norms` -- per-layer gradient norms of many deep BN-ReLU networks
   at initialization at once (Yang et al., 2019: gradient explosion under BatchNorm).
+
+:class:`MLPStack` runs ``N`` copies of one MLP (with any of these normalizations, or
+WeightNorm) at once with batched matrix products, so that an experiment can average over
+seeds instead of trusting one.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -50,6 +56,7 @@ __all__ = [
     "loss_along_gradient",
     "bn_relu_gradient_norms",
     "BN_RELU_EXPLOSION_RATE",
+    "MLPStack",
 ]
 
 #: Yang et al. (2019): squared-gradient growth per layer of a deep BatchNorm-ReLU network at
@@ -293,9 +300,21 @@ class GradientProfile:
         return float(self.grad_change.max())
 
     @property
+    def relative_loss_range(self) -> float:
+        """``loss_range / (s_max ||g||^2)``: the loss range in units of the first-order decrease
+        predicted at the longest step; scale-free, unlike :attr:`loss_range`. A loss that is
+        linear along the step gives ``1 - s_min/s_max``; NaN at a stationary point."""
+        if self.grad_norm == 0:
+            return math.nan
+        return self.loss_range / (float(self.step_sizes.max()) * self.grad_norm ** 2)
+
+    @property
     def effective_smoothness(self) -> float:
         """``max_s ||grad L(theta - s g) - g|| / (s ||g||)``, a local Lipschitz constant of the
-        gradient along the step ("effective beta-smoothness", their Fig. 4c)."""
+        gradient along the step ("effective beta-smoothness", their Fig. 4c); NaN at a
+        stationary point."""
+        if self.grad_norm == 0:
+            return math.nan
         s = self.step_sizes.to(self.grad_change.dtype)
         return float((self.grad_change / (s * self.grad_norm)).max())
 
@@ -306,17 +325,25 @@ def loss_along_gradient(
     X: torch.Tensor,
     y: torch.Tensor,
     step_sizes: Sequence[float] | torch.Tensor,
-) -> GradientProfile:
+    *,
+    per_copy: bool = False,
+) -> GradientProfile | list[GradientProfile]:
     """Probe the loss and the gradient at ``theta - s grad L(theta)`` for each step size ``s``.
 
     Santurkar, Tsipras, Ilyas and Madry (2018), "How does batch normalization help
     optimization?": at a point ``theta`` of training, with ``g = grad L(theta)`` on the batch
-    ``(X, y)``, they plot the range of ``L(theta - s g)`` and of
-    ``||grad L(theta - s g) - g||`` over a range of ``s``; a smoother landscape gives narrower
-    ranges, so the gradient predicts the loss further along the step.
+    ``(X, y)``, they measure how the loss ``L(theta - s g)`` and the gradient
+    ``grad L(theta - s g)`` change over a range of ``s``. Raw ranges shrink with ``||g||``, so
+    compare networks by the scale-free :attr:`GradientProfile.effective_smoothness` and
+    :attr:`GradientProfile.relative_loss_range`.
 
     The model is evaluated in its current mode (training mode uses the batch's statistics);
     its parameters and buffers (e.g. BatchNorm running statistics) are left unchanged.
+
+    ``per_copy=True`` probes ``N`` independent copies at once, for example an
+    :class:`MLPStack`: every parameter has a leading dimension ``N``, ``loss_fn`` returns the
+    ``N`` losses, each copy moves along its own gradient, and the result is a list of ``N``
+    profiles, one per copy.
     """
     from torch.func import functional_call
 
@@ -326,24 +353,38 @@ def loss_along_gradient(
                          f"got {step_sizes!r}")
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
+    n = next(iter(params.values())).shape[0] if per_copy else 1
 
-    def loss_and_grad(p: dict[str, torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+    def sq_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:  # (n,) per copy
+        return sum(t.reshape(n, -1).pow(2).sum(1) for t in tensors).double()
+
+    def loss_and_grad(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         p = {k: v.clone().requires_grad_(True) for k, v in p.items()}
         b = {k: v.clone() for k, v in buffers.items()}  # running stats update the copies
         value = loss_fn(functional_call(model, {**p, **b}, (X,)), y)
-        grads = torch.autograd.grad(value, list(p.values()))
-        return float(value.detach()), [g.detach() for g in grads]
+        if value.numel() != n:
+            want = "one loss per copy" if per_copy else "a scalar"
+            raise ValueError(f"loss_fn must return {want} ({n} values), "
+                             f"got shape {tuple(value.shape)}")
+        grads = torch.autograd.grad(value.sum(), list(p.values()))
+        return value.detach().reshape(n).double(), [g.detach() for g in grads]
+
+    def along(step: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # (n,) steps, broadcast
+        return step.to(g.dtype).view(-1, *[1] * (g.dim() - 1)) if per_copy else step.to(g.dtype)
 
     loss0, g0 = loss_and_grad(params)
-    gnorm = math.sqrt(sum(float(g.pow(2).sum()) for g in g0))
+    gnorm = sq_norm(g0).sqrt()
     losses, changes = [], []
-    for step in s.tolist():
-        moved = {k: v - step * g for (k, v), g in zip(params.items(), g0)}
+    for step in s:
+        steps = step.expand(n)
+        moved = {k: v - along(steps, g) * g for (k, v), g in zip(params.items(), g0)}
         value, g1 = loss_and_grad(moved)
         losses.append(value)
-        changes.append(math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in zip(g1, g0))))
-    return GradientProfile(s, torch.tensor(losses, dtype=torch.float64),
-                           torch.tensor(changes, dtype=torch.float64), gnorm, loss0)
+        changes.append(sq_norm([a - b for a, b in zip(g1, g0)]).sqrt())
+    losses, changes = torch.stack(losses, 1), torch.stack(changes, 1)  # (n, K)
+    profiles = [GradientProfile(s, losses[k], changes[k], float(gnorm[k]), float(loss0[k]))
+                for k in range(n)]
+    return profiles if per_copy else profiles[0]
 
 
 def bn_relu_gradient_norms(
@@ -388,3 +429,208 @@ def bn_relu_gradient_norms(
     v = draw(n_nets, batch, width)
     (x * v).sum().backward()  # the nets are independent: each W_l.grad is its own net's
     return torch.stack([W.grad.pow(2).sum((1, 2)) for W in weights], 1).detach()
+
+
+# ---------------------------------------------------------------------------------------
+# many copies of one network at once
+
+class _StackedLinear(nn.Module):
+    def __init__(self, lins: Sequence[nn.Linear]):
+        super().__init__()
+        first = lins[0]
+        # a Linear under torch's weight_norm keeps g (original0) and v (original1)
+        self.weight_norm = hasattr(first, "parametrizations")
+        with torch.no_grad():
+            if self.weight_norm:
+                plist = first.parametrizations.weight
+                if len(plist) != 1 or type(plist[0]).__name__ != "_WeightNorm" or (
+                        plist.original0.shape != (first.out_features, 1)):
+                    raise ValueError("MLPStack supports torch.nn.utils.parametrizations."
+                                     "weight_norm with dim=0 as the only parametrization")
+                self.g = nn.Parameter(torch.stack([m.parametrizations.weight.original0
+                                                   for m in lins]).clone())
+                self.v = nn.Parameter(torch.stack([m.parametrizations.weight.original1
+                                                   for m in lins]).clone())
+            else:
+                self.weight = nn.Parameter(torch.stack([m.weight for m in lins]).clone())
+            self.bias = (nn.Parameter(torch.stack([m.bias for m in lins]).clone())
+                         if first.bias is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, B, in) or (B, in) -> (N, B, out)
+        if self.weight_norm:  # w_j = g_j v_j / ||v_j||, row by row as weight_norm(dim=0)
+            W = self.v * (self.g / self.v.norm(dim=2, keepdim=True))
+        else:
+            W = self.weight
+        if x.dim() == 2:
+            x = x.expand(W.shape[0], -1, -1)
+        if self.bias is None:
+            return torch.bmm(x, W.transpose(1, 2))
+        return torch.baddbmm(self.bias.unsqueeze(1), x, W.transpose(1, 2))
+
+
+class _StackedNorm(nn.Module):
+    def __init__(self, norms: Sequence[nn.Module]):
+        super().__init__()
+        first = norms[0]
+        self.kind = type(first).__name__
+        self.eps = first.eps
+
+        def stack(name: str) -> nn.Parameter | None:
+            if getattr(first, name, None) is None:
+                return None
+            return nn.Parameter(torch.stack([getattr(m, name) for m in norms]).clone())
+
+        with torch.no_grad():
+            self.weight, self.bias = stack("weight"), stack("bias")
+            if isinstance(first, nn.BatchNorm1d):
+                if first.running_mean is None or first.momentum is None:
+                    raise ValueError("MLPStack needs BatchNorm1d with running statistics "
+                                     "(track_running_stats=True) and a numeric momentum")
+                self.momentum = first.momentum
+                self.register_buffer("running_mean",
+                                     torch.stack([m.running_mean for m in norms]).clone())
+                self.register_buffer("running_var",
+                                     torch.stack([m.running_var for m in norms]).clone())
+            elif isinstance(first, nn.GroupNorm):
+                self.num_groups = first.num_groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, B, C)
+        # torch's fused kernels (equal to this module's formulas, see the tests) for speed
+        F = nn.functional
+        n, b, c = x.shape
+        if self.kind == "BatchNorm1d":  # feature c of copy k is feature k*C + c of one BN
+            flat = x.transpose(0, 1).reshape(b, n * c)
+            xhat = F.batch_norm(flat, self.running_mean.view(-1), self.running_var.view(-1),
+                                training=self.training, momentum=self.momentum, eps=self.eps)
+            xhat = xhat.view(b, n, c).transpose(0, 1)
+        elif self.kind == "LayerNorm":
+            xhat = F.layer_norm(x, (c,), eps=self.eps)
+        else:  # GroupNorm: LayerNorm over each group of C/G consecutive channels
+            g = self.num_groups
+            xhat = F.layer_norm(x.reshape(n, b, g, c // g), (c // g,), eps=self.eps)
+            xhat = xhat.view(n, b, c)
+        if self.weight is not None:
+            xhat = xhat * self.weight.unsqueeze(1)
+        if self.bias is not None:
+            xhat = xhat + self.bias.unsqueeze(1)
+        return xhat
+
+
+_STACKABLE = (nn.Linear, nn.BatchNorm1d, nn.LayerNorm, nn.GroupNorm)
+#: parameter-free elementwise layers that act on a stacked (N, B, C) tensor unchanged
+_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SELU, nn.ELU,
+                nn.SiLU, nn.Softplus, nn.Identity)
+
+
+def _layer_kind(m: nn.Module) -> tuple:
+    for cls in _STACKABLE:  # (weight-normed Linears have a generated subclass of nn.Linear)
+        if isinstance(m, cls):
+            return (cls, hasattr(m, "parametrizations"), m.extra_repr())
+    return (type(m), m.extra_repr())
+
+
+def _is_elementwise(m: nn.Module) -> bool:
+    from .models import _Elementwise  # the library's named activations
+
+    return isinstance(m, (_Elementwise, *_ELEMENTWISE))
+
+
+class MLPStack(nn.Module):
+    """``N`` independent copies of one MLP architecture, evaluated at once by batched matmuls.
+
+    ``models`` are ``N`` networks of the same architecture, each an ``nn.Sequential`` of
+    ``nn.Linear`` (optionally under ``torch.nn.utils.parametrizations.weight_norm``),
+    ``nn.BatchNorm1d``, ``nn.LayerNorm`` (over the last dimension), ``nn.GroupNorm`` and
+    elementwise activations -- what :func:`nnopt_utils.models.mlp` builds. The
+    stack copies their parameters and buffers into tensors with a leading dimension ``N``;
+    the models themselves are left unchanged.
+
+    ``stack(X)`` maps inputs ``X`` of shape (B, in) to outputs of shape (N, B, out): copy ``k``
+    computes exactly what ``models[k]`` computes, in training mode (BatchNorm with the batch's
+    statistics, updating copy ``k``'s running statistics) and in evaluation mode. Since the
+    copies share no parameter, the gradient of ``losses.sum()`` is, copy by copy, the gradient
+    of copy ``k``'s own loss: one optimizer step on the stack is one step of every copy.
+    :meth:`losses` and :meth:`accuracy` give per-copy cross-entropies and accuracies.
+    """
+
+    def __init__(self, models: Sequence[nn.Module]):
+        super().__init__()
+        models = list(models)
+        if not models or not all(isinstance(m, nn.Sequential) for m in models):
+            raise ValueError("MLPStack needs a non-empty sequence of nn.Sequential models")
+        n_layers = len(models[0])
+        if any(len(m) != n_layers for m in models):
+            raise ValueError("MLPStack needs models of one architecture (equal lengths)")
+        layers: list[nn.Module] = []
+        for i, first in enumerate(models[0]):
+            column = [m[i] for m in models]
+            if any(_layer_kind(c) != _layer_kind(first) for c in column):
+                raise ValueError(f"layer {i} differs between the models")
+            if isinstance(first, nn.Linear):
+                layers.append(_StackedLinear(column))
+            elif isinstance(first, (nn.BatchNorm1d, nn.LayerNorm, nn.GroupNorm)):
+                if isinstance(first, nn.LayerNorm) and len(first.normalized_shape) != 1:
+                    raise ValueError("MLPStack supports LayerNorm over the last dimension only")
+                layers.append(_StackedNorm(column))
+            elif _is_elementwise(first):  # shared by the copies, acts on any shape
+                layers.append(copy.deepcopy(first))
+            else:
+                raise ValueError(f"MLPStack cannot stack layer {i} of type "
+                                 f"{type(first).__name__}; it supports Linear, BatchNorm1d, "
+                                 f"LayerNorm, GroupNorm and elementwise activations")
+        self.layers = nn.ModuleList(layers)
+        self.n_copies = len(models)
+        self.train(models[0].training)
+
+    def __len__(self) -> int:
+        return self.n_copies
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    @property
+    def linears(self) -> list[nn.Module]:
+        """The stacked Linear layers in order; each holds ``weight`` (N, out, in) -- or, under
+        WeightNorm, ``g`` (N, out, 1) and ``v`` (N, out, in) -- and ``bias`` (N, out)."""
+        return [m for m in self.layers if isinstance(m, _StackedLinear)]
+
+    @staticmethod
+    def _matrix(lin: nn.Module, grad: bool) -> torch.Tensor | None:
+        t = lin.v if lin.weight_norm else lin.weight
+        return t.grad if grad else t
+
+    def weight_norms(self) -> torch.Tensor:
+        """(N, layers) squared Frobenius norms ``||W_l||^2`` of every copy's Linear weights
+        (of the direction ``v`` under WeightNorm)."""
+        with torch.no_grad():
+            return torch.stack([self._matrix(m, False).pow(2).sum((1, 2))
+                                for m in self.linears], 1)
+
+    def weight_grad_norms(self) -> torch.Tensor:
+        """(N, layers) squared norms ``||dL/dW_l||^2`` of the weight gradients left by the
+        last ``backward`` (of ``dL/dv`` under WeightNorm)."""
+        grads = [self._matrix(m, True) for m in self.linears]
+        if any(g is None for g in grads):
+            raise ValueError("weight_grad_norms needs gradients: call backward first")
+        return torch.stack([g.pow(2).sum((1, 2)) for g in grads], 1)
+
+    @staticmethod
+    def cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(N,) mean cross-entropy of each copy, for outputs (N, B, classes), labels (B,)."""
+        return nn.functional.cross_entropy(out.transpose(1, 2), y.expand(out.shape[0], -1),
+                                           reduction="none").mean(1)
+
+    def losses(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(N,) cross-entropy of each copy on ``(X, y)`` in the current mode."""
+        return self.cross_entropy(self(X), y)
+
+    @torch.no_grad()
+    def accuracy(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(N,) accuracy of each copy on ``(X, y)`` in evaluation mode (the mode is restored)."""
+        was = self.training
+        self.eval()
+        acc = (self(X).argmax(-1) == y).to(torch.get_default_dtype()).mean(1)
+        self.train(was)
+        return acc

@@ -182,3 +182,118 @@ def test_bad_inputs_raise():
         N.bn_relu_gradient_norms(3, 4, 1)
     with pytest.raises(ValueError, match="depth must be a positive int"):
         N.bn_relu_gradient_norms(0, 4, 4)
+
+
+# ---------------------------------------------------------------------------------------
+# MLPStack and the per-copy probe
+
+NORMS = ("none", "batch", "layer", "group", "weight")
+
+
+def _copies(norm, n=3, seed=0):
+    from nnopt_utils.models import mlp
+    # width 16: GroupNorm's 8 groups have 2 units (groups of 1 unit are degenerate)
+    return [mlp(6, [16, 16], 3, norm=norm, seed=seed + k).double() for k in range(n)]
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_mlp_stack_trains_exactly_like_its_models(norm):
+    """One SGD step on the stack = one step of every model, in train and eval mode."""
+    torch.manual_seed(0)
+    models, refs = _copies(norm), _copies(norm)
+    stack = N.MLPStack(models)
+    for m, r in zip(models, refs):  # stacking leaves the models unchanged
+        for (k, a), b in zip(m.state_dict().items(), r.state_dict().values()):
+            assert torch.equal(a, b), k
+    opt = torch.optim.SGD(stack.parameters(), lr=0.2)
+    ref_opts = [torch.optim.SGD(r.parameters(), lr=0.2) for r in refs]
+    for _ in range(4):
+        X, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 3, (10,))
+        opt.zero_grad()
+        losses = stack.losses(X, y)
+        losses.sum().backward()
+        opt.step()
+        for k, (r, o) in enumerate(zip(refs, ref_opts)):
+            o.zero_grad()
+            loss = nn.functional.cross_entropy(r(X), y)
+            loss.backward()
+            o.step()
+            assert math.isclose(float(losses[k].detach()), float(loss.detach()), rel_tol=1e-10)
+    X = torch.randn(7, 6, dtype=torch.float64)
+    for mode in (True, False):
+        stack.train(mode), [r.train(mode) for r in refs]
+        out = stack(X)
+        assert out.shape == (3, 7, 3)
+        for k, r in enumerate(refs):
+            torch.testing.assert_close(out[k], r(X), rtol=1e-9, atol=1e-11)
+    if norm == "batch":  # running statistics, copy by copy
+        bn = [m for m in stack.modules() if hasattr(m, "running_mean")][0]
+        torch.testing.assert_close(bn.running_var[1], refs[1][1].running_var)
+    y = torch.randint(0, 3, (7,))
+    expect = torch.tensor([(r(X).argmax(1) == y).double().mean().item() for r in refs],
+                          dtype=torch.float64)
+    torch.testing.assert_close(stack.accuracy(X, y).double(), expect)
+    assert stack.training is False  # accuracy restores the mode
+
+
+def test_mlp_stack_weight_and_gradient_norms():
+    models = _copies("batch", n=2)
+    stack = N.MLPStack(models)
+    with pytest.raises(ValueError, match="call backward first"):
+        stack.weight_grad_norms()
+    X, y = torch.randn(9, 6, dtype=torch.float64), torch.randint(0, 3, (9,))
+    stack.losses(X, y).sum().backward()
+    for k, m in enumerate(models):
+        nn.functional.cross_entropy(m(X), y).backward()
+        lins = [l for l in m if isinstance(l, nn.Linear)]
+        torch.testing.assert_close(stack.weight_norms()[k],
+                                   torch.stack([l.weight.pow(2).sum() for l in lins]))
+        torch.testing.assert_close(stack.weight_grad_norms()[k],
+                                   torch.stack([l.weight.grad.pow(2).sum() for l in lins]))
+    assert len(stack.linears) == 3 and len(stack) == 2
+
+
+def test_loss_along_gradient_per_copy_equals_one_model_at_a_time():
+    models = _copies("batch", n=2, seed=3)
+    stack = N.MLPStack(models)
+    X, y = torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,))
+    steps = [0.1, 0.4]
+    profiles = N.loss_along_gradient(stack, stack.cross_entropy, X, y, steps, per_copy=True)
+    assert len(profiles) == 2
+    for p, m in zip(profiles, models):
+        q = N.loss_along_gradient(m, nn.functional.cross_entropy, X, y, steps)
+        torch.testing.assert_close(p.loss, q.loss)
+        torch.testing.assert_close(p.grad_change, q.grad_change)
+        assert math.isclose(p.grad_norm, q.grad_norm, rel_tol=1e-10)
+        assert math.isclose(p.effective_smoothness, q.effective_smoothness, rel_tol=1e-9)
+
+
+def test_relative_loss_range_of_a_linear_loss():
+    """A linear loss decreases exactly as the gradient predicts: rho = 1 - s_min/s_max."""
+    model = nn.Linear(4, 1, bias=False).double()
+    c = torch.tensor([[1.0, -2.0, 0.5, 3.0]], dtype=torch.float64)
+    prof = N.loss_along_gradient(model, lambda out, y: out.sum(), c, torch.zeros(1),
+                                 [0.1, 0.2, 0.8])
+    assert math.isclose(prof.grad_norm, float(c.norm()), rel_tol=1e-12)
+    assert math.isclose(prof.relative_loss_range, 1 - 0.1 / 0.8, rel_tol=1e-12)
+    assert prof.effective_smoothness == 0.0
+    flat = N.loss_along_gradient(model, lambda out, y: 0 * out.sum(), c, torch.zeros(1), [0.1])
+    assert math.isnan(flat.relative_loss_range) and math.isnan(flat.effective_smoothness)
+
+
+def test_mlp_stack_and_per_copy_bad_inputs():
+    from nnopt_utils.models import mlp
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        N.MLPStack([])
+    with pytest.raises(ValueError, match="differs between the models"):
+        N.MLPStack([mlp(6, [8], 3, norm="batch", seed=0), mlp(6, [8], 3, norm="layer", seed=0)])
+    with pytest.raises(ValueError, match="cannot stack layer 1"):
+        N.MLPStack([nn.Sequential(nn.Linear(3, 3), nn.Softmax(dim=1))])
+    with pytest.raises(ValueError, match="running statistics"):
+        N.MLPStack([nn.Sequential(nn.Linear(3, 3),
+                                  nn.BatchNorm1d(3, track_running_stats=False))])
+    stack = N.MLPStack(_copies("none", n=2))
+    with pytest.raises(ValueError, match="one loss per copy"):
+        N.loss_along_gradient(stack, lambda o, y: o.sum(),
+                              torch.randn(4, 6, dtype=torch.float64), torch.zeros(4), [0.1],
+                              per_copy=True)
