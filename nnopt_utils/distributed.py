@@ -849,7 +849,7 @@ def _record_crossing(hit: torch.Tensor, t: int, log_prev: torch.Tensor, log_now:
 def least_squares_expected_steps(X: torch.Tensor, e0: torch.Tensor, batch_sizes: Sequence[int],
                                  etas: torch.Tensor, *, steps: int,
                                  target: float = 1e-4) -> torch.Tensor:
-    """Steps after which the *expected* loss of mini-batch SGD on interpolating least squares
+    r"""Steps after which the *expected* loss of mini-batch SGD on interpolating least squares
     falls below ``target`` times its initial value, computed exactly (no sampling).
 
     With batches of ``m`` samples drawn i.i.d. uniformly and :math:`e_t = w_t - w^*`,
@@ -857,9 +857,11 @@ def least_squares_expected_steps(X: torch.Tensor, e0: torch.Tensor, batch_sizes:
     obeys the linear recursion (the independence of the draws gives
     :math:`\E[H_b S H_b] = \frac1m \E[xx^\top S xx^\top] + (1-\frac1m) HSH`)
 
-    .. math:: S_{t+1} = S_t - \eta(HS_t + S_tH)
-              + \eta^2\Big(\tfrac1m \tfrac1n\sum_i (x_i^\top S_t x_i)\, x_ix_i^\top
-              + \big(1 - \tfrac1m\big) HS_tH\Big),
+    .. math::
+
+        S_{t+1} = S_t - \eta(HS_t + S_tH)
+        + \eta^2\Big(\tfrac1m \tfrac1n\sum_i (x_i^\top S_t x_i)\, x_ix_i^\top
+        + \big(1 - \tfrac1m\big) HS_tH\Big),
 
     and :math:`\E f(w_t) = \frac12 \tr(HS_t)`. The recursion is a symmetric linear map on
     :math:`S` (:math:`d^2 \times d^2`), diagonalized once per (batch size, step); this is
