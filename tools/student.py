@@ -22,6 +22,10 @@ def main() -> int:
     config["title"] = config["title"] + " (student edition)"
     config.setdefault("sphinx", {}).setdefault("config", {})["hide_solutions"] = True
     config.setdefault("execute", {})["cache"] = str(ROOT / "_build" / ".jupyter_cache")
+    # paths of local extensions are read relative to the config file: make them absolute
+    local = config["sphinx"].get("local_extensions") or {}
+    config["sphinx"]["local_extensions"] = {name: str((ROOT / path).resolve())
+                                            for name, path in local.items()}
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "_config.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
