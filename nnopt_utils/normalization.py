@@ -354,6 +354,10 @@ def loss_along_gradient(
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     n = next(iter(params.values())).shape[0] if per_copy else 1
+    if per_copy and any(v.dim() == 0 or v.shape[0] != n for v in params.values()):
+        shapes = {k: tuple(v.shape) for k, v in params.items()}
+        raise ValueError(f"per_copy needs every parameter to lead with the number of copies; "
+                         f"got shapes {shapes}")
 
     def sq_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:  # (n,) per copy
         return sum(t.reshape(n, -1).pow(2).sum(1) for t in tensors).double()

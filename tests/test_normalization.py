@@ -292,6 +292,10 @@ def test_mlp_stack_and_per_copy_bad_inputs():
     with pytest.raises(ValueError, match="running statistics"):
         N.MLPStack([nn.Sequential(nn.Linear(3, 3),
                                   nn.BatchNorm1d(3, track_running_stats=False))])
+    with pytest.raises(ValueError, match="lead with the number of copies"):
+        N.loss_along_gradient(nn.Sequential(nn.Linear(6, 3), nn.Linear(3, 2)),
+                              lambda o, y: o.sum(0), torch.randn(4, 6), torch.zeros(4), [0.1],
+                              per_copy=True)
     stack = N.MLPStack(_copies("none", n=2))
     with pytest.raises(ValueError, match="one loss per copy"):
         N.loss_along_gradient(stack, lambda o, y: o.sum(),
