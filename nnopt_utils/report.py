@@ -195,8 +195,9 @@ def _heading_id(markdown_heading: str) -> str:
 def claims_index(executed: str | os.PathLike) -> "pd.DataFrame":
     """Every claim of every chapter, read from the executed notebooks under ``executed``.
 
-    A book build writes each executed chapter to ``_build/jupyter_execute/``; each chapter's
-    ``claims.table()`` cell publishes its records there (glue key :data:`CLAIMS_GLUE_KEY`).
+    A book build writes each executed chapter to ``_build/jupyter_execute/``, and the data
+    glued by its cells to ``<chapter>.glue.json`` beside it; each chapter's ``claims.table()``
+    cell publishes its records there (glue key :data:`CLAIMS_GLUE_KEY`).
     Returns one row per claim: ``chapter`` (its title), ``page`` (the chapter's path without
     suffix), ``section`` and ``anchor`` (the section whose check cell asserted it), ``claim``,
     ``measured``, ``criterion`` and ``result``. Raises ``FileNotFoundError`` when the folder
@@ -215,6 +216,12 @@ def claims_index(executed: str | os.PathLike) -> "pd.DataFrame":
     for path in notebooks:
         nb = json.loads(path.read_text(encoding="utf-8"))
         title, section, anchor, records, sections = path.stem, "", "", [], {}
+        # myst-nb moves hidden glue outputs out of the notebook into <name>.glue.json
+        glue_file = path.with_suffix(".glue.json")
+        if glue_file.exists():
+            saved = json.loads(glue_file.read_text(encoding="utf-8")).get(CLAIMS_GLUE_KEY)
+            if saved is not None:
+                records = json.loads(ast.literal_eval(saved["data"]["text/plain"]))
         for cell in nb["cells"]:
             src = "".join(cell["source"])
             if cell["cell_type"] == "markdown":
@@ -227,8 +234,9 @@ def claims_index(executed: str | os.PathLike) -> "pd.DataFrame":
             sections[cell.get("execution_count")] = (section, anchor)
             for out in cell.get("outputs", []):
                 meta = out.get("metadata", {}).get("scrapbook", {})
-                if meta.get("name") == CLAIMS_GLUE_KEY:
-                    records = json.loads(ast.literal_eval(out["data"]["text/plain"]))
+                if meta.get("name") == CLAIMS_GLUE_KEY:  # a notebook executed outside myst-nb
+                    prefix = meta.get("mime_prefix", "")
+                    records = json.loads(ast.literal_eval(out["data"][prefix + "text/plain"]))
         page = path.relative_to(root).with_suffix("").as_posix()
         for r in records:
             sec, anc = sections.get(r.get("cell"), ("", ""))

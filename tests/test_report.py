@@ -51,8 +51,23 @@ def test_claims_records_and_keep_going(tmp_path, monkeypatch):
     assert rows[0]["chapter"] == "Chapter 9" and rows[2]["measured"] == "3"
 
 
-def test_claims_index_reads_executed_chapters(tmp_path):
+def _glued_output(name, text):
+    """The output myst_nb.glue(name, text, display=False) writes into a notebook."""
+    from myst_nb.ext.glue import GLUE_PREFIX
+
+    return {"output_type": "display_data",
+            "metadata": {"scrapbook": {"name": name, "mime_prefix": GLUE_PREFIX}},
+            "data": {GLUE_PREFIX + "text/plain": repr(text)}}
+
+
+@pytest.mark.parametrize("as_book_build", [True, False])
+def test_claims_index_reads_executed_chapters(tmp_path, as_book_build):
+    """Records are read where a book build leaves them (myst-nb moves hidden glue outputs to
+    <chapter>.glue.json) and from a notebook executed by nbclient alone."""
     import json
+
+    import nbformat
+    from myst_nb.ext.glue import extract_glue_data_cell
 
     from nnopt_utils.report import CLAIMS_GLUE_KEY, claims_index
 
@@ -60,17 +75,21 @@ def test_claims_index_reads_executed_chapters(tmp_path):
                 "cell": 3},
                {"claim": "diverges above 2/L", "measured": "inf", "expected": "inf",
                 "passed": False, "cell": None}]
-    glue_out = {"output_type": "display_data", "metadata": {"scrapbook": {
-        "name": CLAIMS_GLUE_KEY, "mime_prefix": ""}}, "data": {"text/plain": repr(json.dumps(records))}}
-    nb = {"cells": [
-        {"cell_type": "markdown", "source": ["# 2. Gradient descent\n"]},
-        {"cell_type": "markdown", "source": ["## The rate $1 - \\mu/L$\n", "text"]},
-        {"cell_type": "code", "execution_count": 3, "outputs": [], "source": ["claims.check(...)"]},
-        {"cell_type": "code", "execution_count": 4, "outputs": [glue_out], "source": ["claims.table()"]},
-    ]}
+    nb = nbformat.from_dict({"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [
+        {"cell_type": "markdown", "metadata": {}, "source": "# 2. Gradient descent\n"},
+        {"cell_type": "markdown", "metadata": {}, "source": "## The rate $1 - \\mu/L$\ntext"},
+        {"cell_type": "code", "execution_count": 3, "metadata": {}, "outputs": [],
+         "source": "claims.check(...)"},
+        {"cell_type": "code", "execution_count": 4, "metadata": {}, "source": "claims.table()",
+         "outputs": [_glued_output(CLAIMS_GLUE_KEY, json.dumps(records))]},
+    ]})
     folder = tmp_path / "chapters" / "part1"
     folder.mkdir(parents=True)
-    (folder / "02_gd.ipynb").write_text(json.dumps(nb))
+    if as_book_build:  # what myst_nb.sphinx_ does: glue data out of the cell, into a file
+        glued = dict(extract_glue_data_cell(nb.cells[3]))
+        assert not nb.cells[3].outputs
+        (folder / "02_gd.glue.json").write_text(json.dumps(glued))
+    (folder / "02_gd.ipynb").write_text(nbformat.writes(nb))
     index = claims_index(tmp_path)
     assert list(index.claim) == ["rate 1 - mu/L", "diverges above 2/L"]
     assert list(index.result) == ["pass", "FAIL"]
