@@ -484,6 +484,8 @@ def test_mean_field_mlp_statistics_and_seed():
     (lambda: S.mean_field_mlp(4, 4, 2, weights="orthogonl"), "unknown weights 'orthogonl'"),
     (lambda: S.mean_field_mlp(4, 4, 0), "depth must be a positive int"),
     (lambda: S.jacobian_singular_values(torch.nn.Linear(3, 2), torch.randn(3)), "2-D tensor"),
+    (lambda: S.jacobian_singular_values(lambda X: X.sum(1), torch.randn(4, 3)),
+     "batch of vectors to a batch of vectors"),
     (lambda: S.layer_statistics(torch.nn.ReLU(), torch.randn(2, 3)), "no nn.Linear"),
 ])
 def test_bad_inputs(call, match):
