@@ -26,6 +26,12 @@ def main() -> int:
     local = config["sphinx"].get("local_extensions") or {}
     config["sphinx"]["local_extensions"] = {name: str((ROOT / path).resolve())
                                             for name, path in local.items()}
+    sphinx_config = config["sphinx"]["config"]
+    sphinx_config["html_extra_path"] = [str((ROOT / p).resolve())
+                                        for p in sphinx_config.get("html_extra_path", [])]
+    html = config.get("html") or {}
+    if html.get("favicon"):
+        html["favicon"] = str((ROOT / html["favicon"]).resolve())
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "_config.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
