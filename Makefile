@@ -36,9 +36,10 @@ book-cache:
 	  rm -rf $(CACHE); mkdir -p $(CACHE); echo "$(CACHE_KEY)" > $(CACHE)/nnopt-key; \
 	  echo "library or settings changed: every chapter will be executed again"; fi
 
-## test: unit and structure tests, every notebook under nbval, a strict book build, the
-## student edition, and checks of the built pages
-test: unit notebooks book-strict student html-checks
+## test: unit and structure tests, a strict book build (it executes every chapter, and a
+## failing claim fails it), the student edition, checks of the built pages, and every
+## notebook again under nbval on another global seed and the other CPU kernel family
+test: unit book-strict student html-checks notebooks-other
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests -q --ignore=tests/html --ignore=tests/browser
