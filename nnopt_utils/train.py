@@ -4,9 +4,11 @@
 an optional learning-rate schedule, periodic evaluation, and divergence detection -- a run
 whose loss becomes NaN or infinite stops and records the step instead of crashing.
 
-``sweep`` trains N copies of a small model at once (over seeds and learning rates) with
-``torch.func.functional_call`` + ``vmap``: one batched forward/backward per step instead of
-N Python-level runs. It gives the same numbers as N separate runs (a unit test pins this).
+``sweep`` trains N copies of a small model at once (over seeds and any hyperparameter grid)
+with ``torch.func.functional_call`` + ``vmap``: one batched forward/backward per step instead
+of N Python-level runs, and one step of the same :mod:`nnopt_utils.optim` optimizer ``fit``
+uses, on the stacked parameters with one hyperparameter value per copy. It gives the same
+numbers as N separate runs (unit tests pin this for every optimizer).
 """
 
 from __future__ import annotations
@@ -427,7 +429,8 @@ class SweepResult:
 
     def grid(self, metric: str, rows: str, cols: str):
         """A pivot table (DataFrame) of :meth:`final` ``metric`` over two config keys
-        (``seed``, ``lr`` or any key of the sweep's ``grid``); a diverged configuration shows as NaN, never as a missing cell."""
+        (``seed``, ``lr`` or any key of the sweep's ``grid``); a diverged configuration shows
+        as NaN, never as a missing cell."""
         import pandas as pd
 
         values = self.final(metric)
@@ -612,10 +615,10 @@ def sweep(
 
     keep = None
     if masks is not None:
-        if not isinstance(masks, dict) or set(masks) - set(params):
+        unknown = sorted(set(masks) - set(params)) if isinstance(masks, dict) else masks
+        if not isinstance(masks, dict) or unknown:
             raise ValueError(f"masks must map parameter names to tensors; unknown names: "
-                             f"{sorted(set(masks) - set(params)) if isinstance(masks, dict) else masks!r}; "
-                             f"choose among: {', '.join(params)}")
+                             f"{unknown!r}; choose among: {', '.join(params)}")
         keep = {}
         for k, m in masks.items():
             m = torch.as_tensor(m, device=device)
