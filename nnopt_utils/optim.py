@@ -16,7 +16,10 @@ The classes take ``torch.optim``'s argument names and honour its contract (``par
 plug into any training loop. Where ``torch.optim`` has the algorithm, the unit tests prove the
 iterates are equal; where a convention differs from a library or a paper, the docstring says
 so and a test pins the difference. We trade ``torch.optim``'s ``foreach``/``fused`` speed for
-clarity.
+clarity, and win it back by vectorizing whole experiments: a parameter group with
+``"copies": N`` holds N stacked models (:func:`torch.func.stack_module_state`), every float
+hyperparameter may then be a tensor of N values, and per-tensor norms are taken per copy, so
+:func:`nnopt_utils.train.sweep` trains N configurations with one optimizer step.
 
 Papers: Polyak (1964), Nesterov (1983), Sutskever et al. (2013), Duchi et al. (2011),
 Tieleman and Hinton (2012), Kingma and Ba (2015), Reddi et al. (2018), Loshchilov and Hutter
