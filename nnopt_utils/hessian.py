@@ -306,7 +306,8 @@ def hutchinson_trace(
     is False and a ``RuntimeWarning`` says so). ``seed`` goes through
     :func:`nnopt_utils.config.generator`. For a diagonal ``H`` every probe gives the
     trace exactly and the standard error is 0. The first block holds at least
-    ``min_probes`` probes.
+    ``min_probes`` probes. A relative target cannot be met when the trace is 0 (a
+    traceless ``H``): then all ``max_probes`` run and the warning says so.
     """
     from torch.func import vmap
 

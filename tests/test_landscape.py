@@ -129,6 +129,12 @@ def test_surface_is_centred_on_the_model():
     assert float(full.loss[2, 2]) == pytest.approx(own["loss"], rel=1e-14)
     one = landscape.surface(net, (X, y), (d1, d2), 5, chunk_size=1)
     assert torch.allclose(one.loss, full.loss, rtol=1e-12)
+    # the model is left as it was: parameters untouched, train mode restored
+    before = [p.clone() for p in net.parameters()]
+    net.train()
+    landscape.surface(net, (X, y), (d1, d2), 3)
+    assert net.training
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
 
 
 def test_rescaling_changes_sharpness_not_function_nor_filter_normalized_surface():
