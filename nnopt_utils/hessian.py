@@ -1,5 +1,6 @@
-"""Second derivatives: Hessian-vector products, dense Hessians, extreme eigenvalues (Lanczos),
-and the finite-difference gradient used to check autograd.
+"""Second derivatives: Hessian-vector products, dense Hessians, extreme eigenvalues
+(Lanczos), traces (Hutchinson, exact), spectral densities (stochastic Lanczos
+quadrature), and the finite-difference gradient used to check autograd.
 
 Functions act on a *flat* parameter vector ``theta`` and a function ``f(theta) -> scalar``
 written with ``torch.func`` in mind (no in-place updates, so ``vmap`` and double
@@ -18,7 +19,9 @@ from torch import nn
 from .config import generator
 
 __all__ = ["flat_function", "hvp", "dense_hessian", "finite_difference_gradient",
-           "LanczosResult", "lanczos", "top_eigenvalue", "WHICH"]
+           "LanczosResult", "lanczos", "top_eigenvalue", "WHICH", "TraceEstimate",
+           "hutchinson_trace", "hvp_trace", "exact_trace", "TRACE_METHODS",
+           "SpectralDensity", "spectral_density"]
 
 Flat = Callable[[torch.Tensor], torch.Tensor]
 
@@ -243,3 +246,455 @@ def top_eigenvalue(f: Flat, theta: torch.Tensor, *, which: str = "largest",
     """
     return float(lanczos(f, theta, 1, which=which, iters=iters, tol=tol,
                          seed=seed).eigenvalues[0])
+
+
+# --------------------------------------------------------------------------------------
+# traces
+
+
+def _check_int(name: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def _check_positive(name: str, value) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not value > 0
+        or not math.isfinite(value)
+    ):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+@dataclass
+class TraceEstimate:
+    """A Monte Carlo trace: the ``estimate`` (the mean of the probe values), its
+    standard error ``stderr = std(samples) / sqrt(probes)``, the number of ``probes``
+    used, whether the target relative standard error was met (``converged``), and the
+    probe values ``samples`` (``v^T H v``, one per probe)."""
+
+    estimate: float
+    stderr: float
+    probes: int
+    converged: bool
+    samples: torch.Tensor
+
+
+def hutchinson_trace(
+    f: Flat,
+    theta: torch.Tensor,
+    *,
+    rtol: float = 1e-2,
+    max_probes: int = 1000,
+    min_probes: int = 10,
+    block: int = 10,
+    seed: int = 0,
+) -> TraceEstimate:
+    r"""The Hessian trace of ``f`` at ``theta`` by Hutchinson's estimator (Hutchinson,
+    1990; Avron and Toledo, 2011), stopped on a target relative standard error.
+
+    For Rademacher probes ``v`` (entries ``+-1`` with probability 1/2), :math:`\mathbb
+    E[v^\top H v] = \operatorname{tr} H` and :math:`\operatorname{Var}[v^\top H v] = 2
+    \sum_{i \neq j} H_{ij}^2`, the smallest variance of any i.i.d. probe distribution
+    (Gaussian probes add ``2 sum_i H_ii^2``). Probes are drawn ``block`` at a time (one
+    ``vmap`` of Hessian-vector products per block); after at least ``min_probes`` it
+    stops as soon as the standard error of the mean, ``std(samples) / sqrt(m)``, is at
+    most ``rtol |estimate|``, and after ``max_probes`` in any case (then ``converged``
+    is False and a ``RuntimeWarning`` says so). ``seed`` goes through
+    :func:`nnopt_utils.config.generator`. For a diagonal ``H`` every probe gives the
+    trace exactly and the standard error is 0. The first block holds at least
+    ``min_probes`` probes. A relative target cannot be met when the trace is 0 (a
+    traceless ``H``): then all ``max_probes`` run and the warning says so.
+    """
+    from torch.func import vmap
+
+    _check_flat(theta)
+    rtol = _check_positive("rtol", rtol)
+    min_probes = _check_int("min_probes", min_probes, 2)
+    max_probes = _check_int("max_probes", max_probes, min_probes)
+    block = _check_int("block", block)
+    gen = generator(seed)
+    theta = theta.detach()
+    P = theta.numel()
+    batched = vmap(lambda v: hvp(f, theta, v))
+    samples = torch.empty(0, dtype=torch.float64)
+    while True:
+        m = min(max(block, min_probes - len(samples)), max_probes - len(samples))
+        V = (torch.randint(0, 2, (m, P), generator=gen) * 2 - 1).to(theta)
+        new = (V * batched(V)).sum(1).to(torch.float64).cpu()
+        samples = torch.cat([samples, new])
+        n = len(samples)
+        mean = float(samples.mean())
+        stderr = float(samples.std()) / math.sqrt(n) if n > 1 else math.inf
+        done = n >= min_probes and stderr <= rtol * abs(mean)
+        if done or n >= max_probes:
+            if not done:
+                warnings.warn(
+                    f"hutchinson_trace: {n} probes left a relative standard error "
+                    f"{stderr / abs(mean) if mean else math.inf:.2e} > rtol = "
+                    f"{rtol:g}; raise max_probes",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return TraceEstimate(mean, stderr, n, done, samples)
+
+
+def hvp_trace(f: Flat, theta: torch.Tensor, *, chunk_size: int = 256) -> float:
+    r"""The exact Hessian trace of any ``f``: :math:`\operatorname{tr} H = \sum_i
+    e_i^\top H e_i`, from ``P`` Hessian-vector products with the coordinate vectors,
+    ``chunk_size`` of them per ``vmap`` (memory ``chunk_size * P``). The cost is ``P``
+    Hessian-vector products, so this suits small models; for networks
+    :func:`exact_trace` is far cheaper."""
+    from torch.func import vmap
+
+    _check_flat(theta)
+    chunk_size = _check_int("chunk_size", chunk_size)
+    theta = theta.detach()
+    P = theta.numel()
+    batched = vmap(lambda v: hvp(f, theta, v))
+    total = 0.0
+    for start in range(0, P, chunk_size):
+        idx = torch.arange(start, min(start + chunk_size, P), device=theta.device)
+        E = torch.zeros(len(idx), P, dtype=theta.dtype, device=theta.device)
+        E[torch.arange(len(idx)), idx] = 1.0
+        total += float(batched(E)[torch.arange(len(idx)), idx].sum())
+    return total
+
+
+TRACE_METHODS = ("auto", "gauss_newton", "preactivation")
+
+# activations that are linear on each side of 0: their second derivative is 0 almost
+# everywhere; torch.nn.functional's names for the book's own activation modules
+_PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.ReLU6, nn.Hardtanh)
+_SMOOTH = (
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.GELU,
+    nn.SiLU,
+    nn.Softplus,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.Mish,
+    nn.Softsign,
+)
+_PIECEWISE_LINEAR_NAMES = ("linear", "relu", "leaky_relu")
+
+
+def _trace_structure(model: nn.Module) -> tuple[list[nn.Module], list[str]]:
+    """The modules of ``model`` and their kinds: 'linear', 'pl' (piecewise-linear
+    activation), 'smooth' (smooth elementwise activation) or 'reshape' (Flatten)."""
+    from torch.nn.utils import parametrize
+
+    from .models import ACTIVATIONS, _Elementwise
+
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(
+            f"exact_trace needs an nn.Sequential of Linear layers and elementwise "
+            f"activations, got {type(model).__name__}"
+        )
+    mods, kinds = [], []
+    for name, m in model.named_children():
+        if isinstance(m, nn.Linear) and not parametrize.is_parametrized(m):
+            kind = "linear"
+        elif isinstance(m, _PIECEWISE_LINEAR):
+            kind = "pl"
+        elif isinstance(m, _SMOOTH):
+            kind = "smooth"
+        elif isinstance(m, _Elementwise) and ACTIVATIONS.get(m.name) is m.fn:
+            kind = "pl" if m.name in _PIECEWISE_LINEAR_NAMES else "smooth"
+        elif isinstance(m, nn.Flatten):
+            kind = "reshape"
+        else:
+            supported = ", ".join(
+                c.__name__
+                for c in (nn.Linear, nn.Flatten, *_PIECEWISE_LINEAR, *_SMOOTH)
+            )
+            raise ValueError(
+                f"exact_trace does not support module {name!r}: {m!r}; supported: "
+                f"{supported} and nnopt_utils.models' named activations"
+            )
+        mods.append(m)
+        kinds.append(kind)
+    if "linear" not in kinds:
+        raise ValueError("exact_trace needs at least one nn.Linear layer in the model")
+    return mods, kinds
+
+
+def exact_trace(
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    loss="cross_entropy",
+    *,
+    method: str = "auto",
+    chunk_size: int = 256,
+) -> float:
+    r"""The exact trace of the Hessian of ``L(theta) = loss(model_theta(X), y)`` with
+    respect to all parameters, without probes and without forming ``H``.
+
+    ``model``: an ``nn.Sequential`` of ``nn.Linear`` layers (no weight-norm
+    parametrization), elementwise activations (``ReLU``, ``LeakyReLU``, ``Identity``,
+    ``Tanh``, ``GELU``, ..., or :mod:`nnopt_utils.models`' named activations) and
+    ``Flatten``; anything else raises a ``ValueError`` naming the module. ``loss``: a
+    name from :data:`nnopt_utils.train.LOSSES` or a ``callable(output, target)`` that is
+    a *mean* over samples, :math:`L = \frac1N \sum_n \ell_n` (checked; a sum raises).
+
+    **Layer by layer.** A Linear layer maps its input ``a_n`` to ``z_n = W a_n + b``,
+    and ``z_n`` is linear in ``(W, b)`` while ``a_n`` does not depend on ``(W, b)``.
+    With :math:`H_z^{(n)} = \partial^2 \ell_n / \partial z_n^2` the exact Hessian of the
+    rest of the network and the loss, the chain rule has no second term:
+
+    .. math:: \frac{\partial^2 L}{\partial W_{ij}^2} = \frac1N \sum_n a_{nj}^2
+              [H_z^{(n)}]_{ii}, \qquad \frac{\partial^2 L}{\partial b_i^2} = \frac1N
+              \sum_n [H_z^{(n)}]_{ii},
+
+    so :math:`\operatorname{tr} H = \frac1N \sum_{\text{layers}} \sum_n \sum_i
+    [H_z^{(n)}]_{ii} (\|a_n\|^2 + 1)` (the ``+1`` only with a bias). Only the diagonal
+    of each per-sample ``H_z`` is needed.
+
+    **Piecewise-linear networks** (``method="gauss_newton"``, the default when every
+    activation is ReLU, leaky ReLU or linear). Write
+    :math:`J_n = \partial f_n / \partial z_n` (``C x width``) and ``H_f^{(n)}`` the
+    Hessian of ``ell_n`` in the output ``f_n``. Then
+    :math:`H_z^{(n)} = J_n^\top H_f^{(n)} J_n + \sum_m (\ldots) \phi''(z_m)`, and
+    ``phi'' = 0`` almost everywhere, so ``H_z = J^T H_f J``: the trace is the trace of
+    the Gauss-Newton matrix. (The full Hessian is *not* the Gauss-Newton matrix: its
+    off-diagonal blocks between layers carry terms ``J^T g`` with the loss gradient
+    ``g``, which give it negative eigenvalues; but a piecewise-linear network is linear
+    in each single weight near almost every point, so those terms have no diagonal.)
+    With ``H_f = V diag(lambda) V^T`` (``C x C`` per sample),
+    :math:`[H_z]_{ii} = \sum_k \lambda_k (J^\top v_k)_i^2`: ``C`` vector-Jacobian
+    products (one ``vmap``) give every layer's diagonal at once. Cost: about ``C``
+    backward passes.
+
+    **Any elementwise activation** (``method="preactivation"``, the default otherwise):
+    each ``H_z^{(n)}`` is computed exactly with ``torch.func.hessian`` of the map from
+    ``z_n`` to ``ell_n``, ``vmap``-ed over samples in chunks of ``chunk_size``. Cost:
+    about ``width`` forward-over-reverse passes of the rest of the network per layer.
+
+    For a general ``f(theta)`` use :func:`hvp_trace` (exact, ``P`` Hessian-vector
+    products) or :func:`hutchinson_trace` (stochastic).
+    """
+    from torch.func import hessian as _hessian
+    from torch.func import vjp, vmap
+
+    from .train import resolve_loss
+
+    if method not in TRACE_METHODS:
+        raise ValueError(
+            f"unknown method {method!r}; choose one of: {', '.join(TRACE_METHODS)}"
+        )
+    chunk_size = _check_int("chunk_size", chunk_size)
+    mods, kinds = _trace_structure(model)
+    if (
+        not isinstance(X, torch.Tensor)
+        or not isinstance(y, torch.Tensor)
+        or len(X) != len(y)
+        or len(X) == 0
+    ):
+        raise ValueError(
+            f"X and y must be tensors with the same (positive) number of samples, "
+            f"got {getattr(X, 'shape', type(X).__name__)} and "
+            f"{getattr(y, 'shape', type(y).__name__)}"
+        )
+    smooth = "smooth" in kinds
+    if method == "auto":
+        method = "preactivation" if smooth else "gauss_newton"
+    if method == "gauss_newton" and smooth:
+        bad = next(m for m, k in zip(mods, kinds) if k == "smooth")
+        raise ValueError(
+            f"method 'gauss_newton' is exact only for piecewise-linear "
+            f"activations, got {bad!r}; use method='preactivation'"
+        )
+    lossfn = resolve_loss(loss)
+    N = len(X)
+
+    def sample_loss(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return lossfn(o[None], t[None])
+
+    def forward(eps, start: int = 0, a=None):
+        # the network from module `start` on; eps[k] is added to the k-th Linear's
+        # output
+        a = X if a is None else a
+        acts, pres, li = [], [], 0
+        for m, kind in zip(mods[start:], kinds[start:]):
+            if kind == "linear":
+                acts.append(a)
+                a = nn.functional.linear(
+                    a, m.weight.detach(), None if m.bias is None else m.bias.detach()
+                )
+                a = a + eps[li] if eps is not None else a
+                pres.append(a)
+                li += 1
+            else:
+                a = m(a)
+        return a, (acts, pres)
+
+    linear_at = [i for i, k in enumerate(kinds) if k == "linear"]
+    with torch.no_grad():
+        out, (acts, pres) = forward(None)
+    if out.dim() != 2:
+        raise ValueError(
+            f"exact_trace needs a (N, C) model output, got {tuple(out.shape)}"
+        )
+    per_sample = vmap(sample_loss)(out, y)
+    total = float(lossfn(out, y))
+    if not math.isclose(
+        float(per_sample.mean()),
+        total,
+        rel_tol=1e-4,
+        abs_tol=1e-6 * float(per_sample.abs().mean()),
+    ):
+        raise ValueError(
+            f"loss must be a mean over samples: loss(output, y) = {total:.6g} "
+            f"but the mean of the per-sample losses is "
+            f"{float(per_sample.mean()):.6g}"
+        )
+
+    if method == "gauss_newton":
+        H_f = vmap(_hessian(sample_loss))(out, y)  # (N, C, C)
+        lam, V = torch.linalg.eigh(H_f)
+        eps0 = [torch.zeros_like(z) for z in pres]
+        _, pullback, _ = vjp(lambda *e: forward(e), *eps0, has_aux=True)
+        G = vmap(pullback)(V.permute(2, 0, 1))  # per layer: (C, N, width) = J^T v_k
+        diags = [torch.einsum("nk,kni->ni", lam, g * g) for g in G]
+    else:
+        diags = []
+        for k, i in enumerate(linear_at):
+
+            def rest_loss(z, t, i=i):
+                return sample_loss(forward(None, i + 1, z[None])[0][0], t)
+
+            def diag(z, t, rest_loss=rest_loss):
+                return torch.diagonal(_hessian(rest_loss)(z, t))
+
+            diags.append(vmap(diag, chunk_size=chunk_size)(pres[k], y))
+    trace = 0.0
+    for k, i in enumerate(linear_at):
+        inputs = acts[k].reshape(N, -1).pow(2).sum(1) + (mods[i].bias is not None)
+        trace += float((diags[k].sum(1) * inputs).sum()) / N
+    return trace
+
+
+# --------------------------------------------------------------------------------------
+# spectral density
+
+
+@dataclass
+class SpectralDensity:
+    """A stochastic Lanczos quadrature: the Gaussian-smoothed ``density`` on ``grid``
+    (it integrates to 1), the smoothing width ``sigma``, and the raw quadrature:
+    ``nodes`` and ``weights``, both ``(probes, steps)``; each probe's weights sum to 1
+    (a probe whose Krylov space closed after ``j < steps`` steps has ``steps - j`` nodes
+    of weight 0)."""
+
+    grid: torch.Tensor
+    density: torch.Tensor
+    sigma: float
+    nodes: torch.Tensor
+    weights: torch.Tensor
+
+
+def spectral_density(
+    f: Flat,
+    theta: torch.Tensor,
+    *,
+    steps: int = 80,
+    probes: int = 1,
+    grid: int | torch.Tensor = 1000,
+    sigma: float | None = None,
+    seed: int = 0,
+) -> SpectralDensity:
+    r"""The spectral density of the Hessian of ``f`` at ``theta`` by stochastic Lanczos
+    quadrature (Golub and Welsch, 1969; Lin, Saad and Yang, 2016; Ghorbani, Krishnan and
+    Xiao, 2019).
+
+    The density :math:`\phi(t) = \frac1P \sum_i \delta(t - \lambda_i)` smoothed by a
+    Gaussian :math:`g_\sigma` is :math:`\phi_\sigma(t) = \frac1P \operatorname{tr}
+    g_\sigma(t - H) = \mathbb E_v[v^\top g_\sigma(t - H) v]` for a random unit ``v``
+    (uniform on the sphere: normalized Gaussian). For each of ``probes`` such ``v``,
+    ``steps`` Lanczos steps with full reorthogonalization from ``q_1 = v`` give the
+    tridiagonal ``T = S diag(tau) S^T``, and Gauss quadrature :math:`v^\top g(H) v
+    \approx \sum_j w_j g(\tau_j)` with nodes ``tau_j`` and weights ``w_j = S_{1j}^2``,
+    exact for every polynomial ``g`` of degree ``< 2 steps``. So :math:`\sum_j w_j
+    \tau_j^k = v^\top H^k v`, whose mean over ``v`` is ``tr(H^k) / P``. The result
+    averages the probes: :math:`\phi_\sigma(t) \approx \frac{1}{n_v} \sum_v \sum_j w_j
+    g_\sigma(t - \tau_j)`.
+
+    ``grid``: a number of points (spanning the nodes plus ``5 sigma`` on each side) or a
+    1-D tensor of points. ``sigma`` defaults to 1% of the span of the nodes. The probes
+    run together (one ``vmap`` of Hessian-vector products per step). ``seed`` goes
+    through :func:`nnopt_utils.config.generator`.
+    """
+    from torch.func import vmap
+
+    _check_flat(theta)
+    P = theta.numel()
+    steps = _check_int("steps", steps)
+    probes = _check_int("probes", probes)
+    if steps > P:
+        raise ValueError(
+            f"steps must be at most the number of parameters {P}, got {steps}"
+        )
+    if sigma is not None:
+        sigma = _check_positive("sigma", sigma)
+    if isinstance(grid, torch.Tensor):
+        if grid.dim() != 1 or len(grid) < 2:
+            raise ValueError(
+                f"grid must be an int >= 2 or a 1-D tensor of >= 2 points, got "
+                f"shape {tuple(grid.shape)}"
+            )
+    else:
+        _check_int("grid", grid, 2)
+    theta = theta.detach()
+    dtype, eps = theta.dtype, torch.finfo(theta.dtype).eps
+    batched = vmap(lambda v: hvp(f, theta, v))
+    v = torch.randn(probes, P, generator=generator(seed), dtype=dtype).to(theta.device)
+    Q = torch.zeros(steps, probes, P, dtype=dtype, device=theta.device)
+    Q[0] = v / v.norm(dim=1, keepdim=True)
+    alpha = torch.zeros(probes, steps, dtype=torch.float64)
+    beta = torch.zeros(probes, steps - 1, dtype=torch.float64)
+    scale = torch.zeros(probes, dtype=torch.float64)
+    for j in range(steps):
+        w = batched(Q[j])
+        a = (Q[j] * w).sum(1)
+        alpha[:, j] = a.to(torch.float64).cpu()
+        scale = torch.maximum(scale, a.abs().to(torch.float64).cpu())
+        if j + 1 == steps:
+            break
+        for _ in range(2):  # full reorthogonalization, as in lanczos
+            w = w - torch.einsum(
+                "jp,jpk->pk", torch.einsum("jpk,pk->jp", Q[: j + 1], w), Q[: j + 1]
+            )
+        b = w.norm(dim=1)
+        # a probe whose Krylov space is invariant stops: beta = 0 and q = 0 from there
+        # on, which appends decoupled nodes of weight 0
+        closed = b.to(torch.float64).cpu() <= 10 * eps * scale.clamp_min(
+            1e-300
+        ) * math.sqrt(j + 1)
+        b = torch.where(closed.to(b.device), torch.zeros_like(b), b)
+        beta[:, j] = b.to(torch.float64).cpu()
+        Q[j + 1] = torch.where(b[:, None] > 0, w / b.clamp_min(1e-300)[:, None], 0.0)
+    T = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
+    nodes, S = torch.linalg.eigh(T)
+    weights = S[:, 0, :] ** 2
+    if sigma is None:
+        span = float(nodes.max() - nodes.min())
+        sigma = 0.01 * span if span > 0 else 0.01 * max(float(nodes.abs().max()), 1.0)
+    if not isinstance(grid, torch.Tensor):
+        grid = torch.linspace(
+            float(nodes.min()) - 5 * sigma,
+            float(nodes.max()) + 5 * sigma,
+            grid,
+            dtype=torch.float64,
+        )
+    t = grid.to(torch.float64).cpu()
+    kernel = torch.exp(-0.5 * ((t[:, None, None] - nodes) / sigma) ** 2) / (
+        sigma * math.sqrt(2 * math.pi)
+    )
+    density = (kernel * weights).sum(2).mean(1)
+    return SpectralDensity(t, density, sigma, nodes, weights)

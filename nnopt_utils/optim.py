@@ -16,7 +16,10 @@ The classes take ``torch.optim``'s argument names and honour its contract (``par
 plug into any training loop. Where ``torch.optim`` has the algorithm, the unit tests prove the
 iterates are equal; where a convention differs from a library or a paper, the docstring says
 so and a test pins the difference. We trade ``torch.optim``'s ``foreach``/``fused`` speed for
-clarity.
+clarity, and win it back by vectorizing whole experiments: a parameter group with
+``"copies": N`` holds N stacked models (:func:`torch.func.stack_module_state`), every float
+hyperparameter may then be a tensor of N values, and per-tensor norms are taken per copy, so
+:func:`nnopt_utils.train.sweep` trains N configurations with one optimizer step.
 
 Papers: Polyak (1964), Nesterov (1983), Sutskever et al. (2013), Duchi et al. (2011),
 Tieleman and Hinton (2012), Kingma and Ba (2015), Reddi et al. (2018), Loshchilov and Hutter
@@ -57,27 +60,67 @@ def _require(ok: bool, what: str, value, allowed: str) -> None:
         raise ValueError(f"Invalid {what}: {value!r} (must be {allowed})")
 
 
+def _values(v) -> list[float] | None:
+    """A hyperparameter's values: ``[v]`` for a real number, the entries of a 0-d or 1-d
+    real tensor (one per stacked copy), ``None`` for anything else."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return [float(v)]
+    if isinstance(v, torch.Tensor) and v.dim() <= 1 and v.numel() > 0 and (
+            v.dtype.is_floating_point or v.dtype in (torch.int32, torch.int64)):
+        return [float(x) for x in v.reshape(-1).tolist()]
+    return None
+
+
+def _check(what: str, value, ok: Callable[[float], bool], allowed: str) -> None:
+    vals = _values(value)
+    _require(vals is not None and all(ok(x) for x in vals), what, value,
+             f"{allowed}, a number or a tensor of one value per copy")
+
+
 def _check_lr(lr) -> None:
-    _require(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr >= 0,
-             "learning rate", lr, "a number >= 0")
+    _check("learning rate", lr, lambda x: x >= 0, "a number >= 0")
 
 
 def _check_nonneg(what: str, value) -> None:
-    _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
-             what, value, ">= 0")
+    _check(what, value, lambda x: x >= 0, ">= 0")
 
 
 def _check_unit(what: str, value) -> None:
-    _require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1,
-             what, value, "in [0, 1)")
+    _check(what, value, lambda x: 0 <= x < 1, "in [0, 1)")
 
 
 def _check_betas(betas) -> None:
     _require(isinstance(betas, (tuple, list)) and len(betas) == 2, "betas", betas,
              "a pair (beta1, beta2)")
     for i, b in enumerate(betas):
-        _require(isinstance(b, (int, float)) and 0 <= b < 1, f"beta parameter at index {i}", b,
-                 "in [0, 1)")
+        _check(f"beta parameter at index {i}", b, lambda x: 0 <= x < 1, "in [0, 1)")
+
+
+def _any(v) -> bool:
+    """Whether a hyperparameter is non-zero for some copy (``if group['weight_decay']``)."""
+    return bool((v != 0).any()) if isinstance(v, torch.Tensor) else bool(v)
+
+
+# in-place updates that take a float (torch.optim's exact kernels) or a per-copy tensor
+# already broadcast against the parameter (see Optimizer.hyper)
+
+def _add_(x: torch.Tensor, y: torch.Tensor, a) -> torch.Tensor:
+    """``x += a * y``."""
+    return x.add_(y * a) if isinstance(a, torch.Tensor) else x.add_(y, alpha=a)
+
+
+def _addcmul_(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, a) -> torch.Tensor:
+    """``x += a * y * z``."""
+    return x.add_(y * z * a) if isinstance(a, torch.Tensor) else x.addcmul_(y, z, value=a)
+
+
+def _addcdiv_(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, a) -> torch.Tensor:
+    """``x += a * y / z``."""
+    return x.add_(y / z * a) if isinstance(a, torch.Tensor) else x.addcdiv_(y, z, value=a)
+
+
+def _sqrt(v):
+    return v.sqrt() if isinstance(v, torch.Tensor) else math.sqrt(v)
 
 
 # ---------------------------------------------------------------------------------------
@@ -92,10 +135,47 @@ class Optimizer(torch.optim.Optimizer):
     ``torch.optim`` does: the algorithms run on :math:`\mathbb{R}^{2n}`, so a squared gradient
     is :math:`(\mathrm{Re}\,g)^2` and :math:`(\mathrm{Im}\,g)^2` per coordinate, never the
     complex :math:`g^2`, and the state tensors are real.
+
+    **Stacked copies.** A parameter group with ``"copies": N`` holds stacked parameters, a
+    leading dimension of N independent copies of one model (as
+    :func:`torch.func.stack_module_state` makes them). Every hyperparameter that takes a float
+    then also takes a tensor of N values, one per copy, and per-tensor norms (LARS, LAMB) are
+    taken per copy, so one step updates N models exactly as N separate optimizers would. With
+    floats and no ``copies`` the arithmetic is the single-model one, unchanged.
     """
 
     def __init__(self, params: Params, defaults: dict) -> None:
         super().__init__(params, defaults)
+
+    def hyper(self, group: dict, name: str, p: torch.Tensor):
+        """Hyperparameter ``name`` of ``group`` ready to combine with ``p``: a float as it is,
+        a per-copy tensor of N values reshaped to ``(N, 1, ..., 1)`` so it broadcasts over
+        the stacked copies (a pair such as ``betas`` comes back as a pair)."""
+        v = group[name]
+        if isinstance(v, (tuple, list)):
+            return tuple(self._broadcast(group, name, b, p) for b in v)
+        return self._broadcast(group, name, v, p)
+
+    @staticmethod
+    def _broadcast(group: dict, name: str, v, p: torch.Tensor):
+        if not isinstance(v, torch.Tensor):
+            return v
+        if v.numel() == 1 and group.get("copies") is None:
+            return float(v)
+        n = group.get("copies")
+        if n is None or v.numel() != n or p.dim() == 0 or p.shape[0] != n:
+            raise ValueError(f"per-copy {name} of shape {tuple(v.shape)} needs a parameter group "
+                             f"of stacked copies with 'copies' equal to its length; got "
+                             f"copies={n!r} and a parameter of shape {tuple(p.shape)}")
+        return v.to(device=p.device, dtype=p.dtype).reshape(-1, *([1] * (p.dim() - 1)))
+
+    def norm(self, group: dict, x: torch.Tensor) -> torch.Tensor:
+        """The Frobenius norm of a parameter-shaped tensor: of the whole tensor, or per copy
+        (shape ``(N, 1, ..., 1)``) in a group of stacked copies."""
+        n = group.get("copies")
+        if n is None:
+            return x.norm()
+        return x.reshape(n, -1).norm(dim=1).reshape(-1, *([1] * (x.dim() - 1)))
 
     def init_state(self, state: dict, group: dict, p: torch.Tensor) -> None:
         """Fill the (empty) state of parameter ``p``; called before its first update."""
@@ -158,7 +238,7 @@ class SGD(Optimizer):
         _check_nonneg("momentum value", momentum)
         _check_nonneg("dampening value", dampening)
         _check_nonneg("weight_decay value", weight_decay)
-        if nesterov and (momentum <= 0 or dampening != 0):
+        if nesterov and (min(_values(momentum)) <= 0 or _any(dampening)):
             raise ValueError(f"Nesterov momentum requires a momentum > 0 and zero dampening, "
                              f"got momentum={momentum!r}, dampening={dampening!r}")
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
@@ -167,19 +247,20 @@ class SGD(Optimizer):
     def direction(self, state: dict, group: dict, grad: torch.Tensor,
                   p: torch.Tensor) -> torch.Tensor:
         """The step direction: gradient, plus L2 decay, passed through the momentum buffer."""
-        d = grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else grad
-        m = group["momentum"]
-        if m == 0:
+        wd = self.hyper(group, "weight_decay", p)
+        d = _add_(grad.clone(), p, wd) if _any(wd) else grad
+        m = self.hyper(group, "momentum", p)
+        if not _any(m):
             return d
         buf = state.get("momentum_buffer")
         if buf is None:
             buf = state["momentum_buffer"] = d.clone()
         else:
-            buf.mul_(m).add_(d, alpha=1 - group["dampening"])
-        return d.add(buf, alpha=m) if group["nesterov"] else buf
+            _add_(buf.mul_(m), d, 1 - self.hyper(group, "dampening", p))
+        return _add_(d.clone(), buf, m) if group["nesterov"] else buf
 
     def step_param(self, state, group, grad, p):
-        p.add_(self.direction(state, group, grad, p), alpha=-group["lr"])
+        _add_(p, self.direction(state, group, grad, p), -self.hyper(group, "lr", p))
 
 
 class SignSGD(SGD):
@@ -198,7 +279,7 @@ class SignSGD(SGD):
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
     def step_param(self, state, group, grad, p):
-        p.add_(self.direction(state, group, grad, p).sign(), alpha=-group["lr"])
+        _add_(p, self.direction(state, group, grad, p).sign(), -self.hyper(group, "lr", p))
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,15 +307,17 @@ class AdaGrad(Optimizer):
 
     def init_state(self, state, group, p):
         state["step"] = 0
-        state["sum"] = torch.full_like(p, group["initial_accumulator_value"])
+        state["sum"] = torch.zeros_like(p).add_(
+            self.hyper(group, "initial_accumulator_value", p))
 
     def step_param(self, state, group, grad, p):
         state["step"] += 1
-        if group["weight_decay"]:
-            grad = grad.add(p, alpha=group["weight_decay"])
-        lr = group["lr"] / (1 + (state["step"] - 1) * group["lr_decay"])
+        h = lambda name: self.hyper(group, name, p)  # noqa: E731
+        if _any(h("weight_decay")):
+            grad = _add_(grad.clone(), p, h("weight_decay"))
+        lr = h("lr") / (1 + (state["step"] - 1) * h("lr_decay"))
         state["sum"].addcmul_(grad, grad)
-        p.addcdiv_(grad, state["sum"].sqrt().add_(group["eps"]), value=-lr)
+        _addcdiv_(p, grad, state["sum"].sqrt().add_(h("eps")), -lr)
 
 
 class RMSProp(Optimizer):
@@ -259,26 +342,27 @@ class RMSProp(Optimizer):
     def init_state(self, state, group, p):
         state["step"] = 0
         state["square_avg"] = torch.zeros_like(p)
-        if group["momentum"] > 0:
+        if _any(group["momentum"]):
             state["momentum_buffer"] = torch.zeros_like(p)
         if group["centered"]:
             state["grad_avg"] = torch.zeros_like(p)
 
     def step_param(self, state, group, grad, p):
         state["step"] += 1
-        if group["weight_decay"]:
-            grad = grad.add(p, alpha=group["weight_decay"])
-        a = group["alpha"]
-        v = state["square_avg"].mul_(a).addcmul_(grad, grad, value=1 - a)
+        h = lambda name: self.hyper(group, name, p)  # noqa: E731
+        if _any(h("weight_decay")):
+            grad = _add_(grad.clone(), p, h("weight_decay"))
+        a = h("alpha")
+        v = _addcmul_(state["square_avg"].mul_(a), grad, grad, 1 - a)
         if group["centered"]:
             gbar = state["grad_avg"].lerp_(grad, 1 - a)
             v = v.addcmul(gbar, gbar, value=-1)
-        denom = v.sqrt().add_(group["eps"])
-        if group["momentum"] > 0:
-            buf = state["momentum_buffer"].mul_(group["momentum"]).addcdiv_(grad, denom)
-            p.add_(buf, alpha=-group["lr"])
+        denom = v.sqrt().add_(h("eps"))
+        if "momentum_buffer" in state:
+            buf = state["momentum_buffer"].mul_(h("momentum")).addcdiv_(grad, denom)
+            _add_(p, buf, -h("lr"))
         else:
-            p.addcdiv_(grad, denom, value=-group["lr"])
+            _addcdiv_(p, grad, denom, -h("lr"))
 
 
 def _adam_defaults(lr, betas, eps, weight_decay, **more) -> dict:
@@ -315,14 +399,15 @@ class Adam(Optimizer):
 
     def regularize(self, group: dict, grad: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """L2 regularization: the decay enters the gradient (and so the moments)."""
-        return grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else grad
+        wd = self.hyper(group, "weight_decay", p)
+        return _add_(grad.clone(), p, wd) if _any(wd) else grad
 
     def update_moments(self, state: dict, group: dict, grad: torch.Tensor) -> None:
         """Exponential moving averages of the gradient and of its square."""
-        b1, b2 = group["betas"]
+        b1, b2 = self.hyper(group, "betas", grad)
         state["step"] += 1
         state["exp_avg"].lerp_(grad, 1 - b1)
-        state["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        _addcmul_(state["exp_avg_sq"].mul_(b2), grad, grad, 1 - b2)
 
     def second_moment(self, state: dict) -> torch.Tensor:
         """The second-moment estimate the step divides by."""
@@ -330,14 +415,15 @@ class Adam(Optimizer):
 
     def direction(self, state: dict, group: dict) -> torch.Tensor:
         """``m_hat / (sqrt(v_hat) + eps)``, with bias-corrected moments."""
-        b1, b2 = group["betas"]
+        v = self.second_moment(state)
+        b1, b2 = self.hyper(group, "betas", v)
         t = state["step"]
-        denom = (self.second_moment(state).sqrt() / math.sqrt(1 - b2**t)).add_(group["eps"])
+        denom = (v.sqrt() / _sqrt(1 - b2**t)).add_(self.hyper(group, "eps", v))
         return state["exp_avg"] / (1 - b1**t) / denom
 
     def update(self, state: dict, group: dict, p: torch.Tensor) -> torch.Tensor:
         """What is subtracted from ``p``: ``lr * direction``."""
-        return self.direction(state, group).mul_(group["lr"])
+        return self.direction(state, group).mul_(self.hyper(group, "lr", p))
 
     def step_param(self, state, group, grad, p):
         grad = self.regularize(group, grad, p)
@@ -384,7 +470,7 @@ class AdamW(Adam):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
     def regularize(self, group, grad, p):
-        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.mul_(1 - self.hyper(group, "lr", p) * self.hyper(group, "weight_decay", p))
         return grad
 
 
@@ -403,7 +489,7 @@ class AdaBound(Adam):
                  final_lr: float = 0.1, gamma: float = 1e-3, eps: float = 1e-8,
                  weight_decay: float = 0.0) -> None:
         _check_nonneg("final learning rate", final_lr)
-        _require(isinstance(gamma, (int, float)) and gamma > 0, "gamma value", gamma, "> 0")
+        _check("gamma value", gamma, lambda x: x > 0, "> 0")
         # Optimizer.__init__ directly: Adam's signature takes no extra hyperparameters
         Optimizer.__init__(self, params, _adam_defaults(lr, betas, eps, weight_decay,
                                                         final_lr=final_lr, gamma=gamma))
@@ -414,20 +500,27 @@ class AdaBound(Adam):
         if "final_lr" in param_group:
             _check_nonneg("final learning rate", param_group["final_lr"])
         if "gamma" in param_group:
-            gamma = param_group["gamma"]
-            _require(isinstance(gamma, (int, float)) and gamma > 0, "gamma value", gamma, "> 0")
+            _check("gamma value", param_group["gamma"], lambda x: x > 0, "> 0")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        group.setdefault("initial_lr", group["lr"])
+        group.setdefault("initial_lr", group["lr"].clone() if isinstance(group["lr"], torch.Tensor)
+                         else group["lr"])
 
     def update(self, state, group, p):
-        b1, b2 = group["betas"]
-        t, lr = state["step"], group["lr"]
-        final_lr = group["final_lr"] * lr / group["initial_lr"] if group["initial_lr"] else 0.0
-        lower = final_lr * (1 - 1 / (group["gamma"] * t + 1))
-        upper = final_lr * (1 + 1 / (group["gamma"] * t))
-        step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
-        rate = step_size / self.second_moment(state).sqrt().add_(group["eps"])
+        h = lambda name: self.hyper(group, name, p)  # noqa: E731
+        b1, b2 = h("betas")
+        t, lr, lr0 = state["step"], h("lr"), h("initial_lr")
+        if isinstance(lr0, torch.Tensor):  # per copy: a zero initial lr gives final_lr 0
+            final_lr = torch.where(lr0 != 0, h("final_lr") * lr / lr0, torch.zeros_like(lr0))
+        else:
+            final_lr = h("final_lr") * lr / lr0 if lr0 else 0.0
+        lower = final_lr * (1 - 1 / (h("gamma") * t + 1))
+        upper = final_lr * (1 + 1 / (h("gamma") * t))
+        step_size = lr * _sqrt(1 - b2**t) / (1 - b1**t)
+        rate = step_size / self.second_moment(state).sqrt().add_(h("eps"))
+        if isinstance(lower, torch.Tensor) or isinstance(upper, torch.Tensor):
+            lower, upper = torch.as_tensor(lower).to(rate), torch.as_tensor(upper).to(rate)
+            return torch.minimum(torch.maximum(rate, lower), upper).mul_(state["exp_avg"])
         return rate.clamp_(lower, upper).mul_(state["exp_avg"])
 
 
@@ -452,10 +545,10 @@ class LAMB(Adam):
         return grad  # the decay is decoupled: it enters u_t in update()
 
     def update(self, state, group, p):
-        u = self.direction(state, group).add_(p, alpha=group["weight_decay"])
-        w_norm, u_norm = p.norm(), u.norm()
+        u = _add_(self.direction(state, group), p, self.hyper(group, "weight_decay", p))
+        w_norm, u_norm = self.norm(group, p), self.norm(group, u)
         ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-        return u.mul_(ratio * group["lr"])
+        return u.mul_(ratio * self.hyper(group, "lr", p))
 
 
 # ---------------------------------------------------------------------------------------
@@ -490,12 +583,13 @@ class LARS(Optimizer):
         state["momentum_buffer"] = torch.zeros_like(p)
 
     def step_param(self, state, group, grad, p):
-        wd = group["weight_decay"]
-        w_norm, g_norm = p.norm(), grad.norm()
-        local = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+        h = lambda name: self.hyper(group, name, p)  # noqa: E731
+        wd = h("weight_decay")
+        w_norm, g_norm = self.norm(group, p), self.norm(group, grad)
+        local = h("trust_coefficient") * w_norm / (g_norm + wd * w_norm + h("eps"))
         local = torch.where((w_norm > 0) & (g_norm > 0), local, torch.ones_like(local))
-        d = grad.add(p, alpha=wd) if wd else grad
-        buf = state["momentum_buffer"].mul_(group["momentum"]).add_(d * (local * group["lr"]))
+        d = _add_(grad.clone(), p, wd) if _any(wd) else grad
+        buf = state["momentum_buffer"].mul_(h("momentum")).add_(d * (local * h("lr")))
         p.sub_(buf)
 
 
@@ -522,12 +616,13 @@ class Lion(Optimizer):
         state["exp_avg"] = torch.zeros_like(p)
 
     def step_param(self, state, group, grad, p):
-        b1, b2 = group["betas"]
+        b1, b2 = self.hyper(group, "betas", p)
+        lr, wd = self.hyper(group, "lr", p), self.hyper(group, "weight_decay", p)
         m = state["exp_avg"]
         c = m.lerp(grad, 1 - b1)
-        if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(c.sign_(), alpha=-group["lr"])
+        if _any(wd):
+            p.mul_(1 - lr * wd)
+        _add_(p, c.sign_(), -lr)
         m.lerp_(grad, 1 - b2)
 
 

@@ -4,9 +4,11 @@
 an optional learning-rate schedule, periodic evaluation, and divergence detection -- a run
 whose loss becomes NaN or infinite stops and records the step instead of crashing.
 
-``sweep`` trains N copies of a small model at once (over seeds and learning rates) with
-``torch.func.functional_call`` + ``vmap``: one batched forward/backward per step instead of
-N Python-level runs. It gives the same numbers as N separate runs (a unit test pins this).
+``sweep`` trains N copies of a small model at once (over seeds and any hyperparameter grid)
+with ``torch.func.functional_call`` + ``vmap``: one batched forward/backward per step instead
+of N Python-level runs, and one step of the same :mod:`nnopt_utils.optim` optimizer ``fit``
+uses, on the stacked parameters with one hyperparameter value per copy. It gives the same
+numbers as N separate runs (unit tests pin this for every optimizer).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 from .config import progress_enabled
 from .data import Dataset
 from .config import generator
+from . import optim as _optim
 
 __all__ = ["History", "fit", "sweep", "SweepResult", "LOSSES", "OPTIMIZERS", "batches",
            "evaluate", "resolve_loss", "as_dataset"]
@@ -204,17 +207,22 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss="cross_ent
 # ---------------------------------------------------------------------------------------
 # the loop
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad")
+#: optimizer names :func:`fit` and :func:`sweep` accept: every class of
+#: :mod:`nnopt_utils.optim` by its lower-case name, plus ``momentum`` and ``nesterov`` (SGD
+#: with heavy-ball or Nesterov momentum, 0.9 unless ``momentum`` is given)
+OPTIMIZERS = ("sgd", "momentum", "nesterov",
+              *[name for name in _optim.OPTIMIZERS if name != "sgd"])
 
 
-def _make_optimizer(optimizer, params, lr: float, momentum: float | None, weight_decay: float):
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return optimizer
-    if callable(optimizer):
-        return optimizer(params)
+def _optimizer_class(optimizer, momentum) -> tuple[type, dict]:
+    """The :mod:`nnopt_utils.optim` class for a name, or a class, and the keyword arguments
+    the name implies (``momentum``/``nesterov``)."""
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        return optimizer, ({} if momentum is None else {"momentum": momentum})
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}"
-                         " or pass a torch.optim.Optimizer / a factory(params)")
+                         " or pass an optimizer class, a torch.optim.Optimizer or a "
+                         "factory(params)")
     if optimizer in ("momentum", "nesterov"):
         m = 0.9 if momentum is None else momentum
         nesterov = optimizer == "nesterov"  # Nesterov needs m > 0
@@ -223,16 +231,32 @@ def _make_optimizer(optimizer, params, lr: float, momentum: float | None, weight
         if not ok:
             raise ValueError(f"momentum must lie in {'(0, 1)' if nesterov else '[0, 1)'} for "
                              f"optimizer {optimizer!r}, got {momentum!r}")
-        return torch.optim.SGD(params, lr=lr, momentum=float(m), weight_decay=weight_decay,
-                               nesterov=nesterov)
+        return _optim.SGD, {"momentum": float(m), "nesterov": nesterov}
+    cls = _optim.OPTIMIZERS[optimizer]
     if momentum is not None and momentum != 0:
-        raise ValueError(f"momentum={momentum!r} is used only by optimizer 'momentum' or "
-                         f"'nesterov', got optimizer {optimizer!r}")
-    if optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop,
-           "adagrad": torch.optim.Adagrad}[optimizer]
-    return cls(params, lr=lr, weight_decay=weight_decay)
+        takers = [n for n, c in _optim.OPTIMIZERS.items()
+                  if n != "sgd" and "momentum" in _hyperparameters(c)]
+        if optimizer not in takers:
+            raise ValueError(f"momentum={momentum!r} is used only by optimizer 'momentum' or "
+                             f"'nesterov' (or {', '.join(takers)}), got optimizer {optimizer!r}")
+        return cls, {"momentum": momentum}
+    return cls, {}
+
+
+def _hyperparameters(cls: type) -> list[str]:
+    """The keyword hyperparameters of an optimizer class (its constructor's, less params)."""
+    import inspect
+
+    return [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "params")]
+
+
+def _make_optimizer(optimizer, params, lr: float, momentum: float | None, weight_decay: float):
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
+    if callable(optimizer) and not isinstance(optimizer, type):
+        return optimizer(params)
+    cls, kw = _optimizer_class(optimizer, momentum)
+    return cls(params, lr=lr, weight_decay=weight_decay, **kw)
 
 
 def fit(
@@ -263,10 +287,13 @@ def fit(
     data: a :class:`~nnopt_utils.data.Dataset` (its test split, if any, is evaluated) or an
         ``(X, y)`` pair of whole-dataset tensors.
     loss: ``'cross_entropy'``, ``'mse'`` (half mean squared error) or ``callable(out, y)``.
-    optimizer: a name from :data:`OPTIMIZERS`, a ``torch.optim.Optimizer`` or a
-        ``factory(params)``; ``lr``, ``momentum`` and ``weight_decay`` apply to names only.
-    momentum: for ``'momentum'`` and ``'nesterov'`` (``None``: 0.9; ``0.0`` is honoured);
-        any other optimizer name raises when it is given and non-zero.
+    optimizer: a name from :data:`OPTIMIZERS` (a class of :mod:`nnopt_utils.optim`), such a
+        class, a ``torch.optim.Optimizer`` object (``torch.optim``'s own are accepted) or a
+        ``factory(params)``; ``lr``, ``momentum`` and ``weight_decay`` apply to names and
+        classes only.
+    momentum: for ``'momentum'`` and ``'nesterov'`` (``None``: 0.9; ``0.0`` is honoured) and
+        the optimizers that take one (``rmsprop``, ``signsgd``, ``lars``); any other
+        optimizer name raises when it is given and non-zero.
     batch_size: ``None`` for full-batch gradient descent.
     schedule: ``step -> multiplier`` of every group's initial learning rate,
         ``lr_t = initial_lr * schedule(t)``. As ``torch.optim.lr_scheduler``, a group's
@@ -363,9 +390,6 @@ def _learning_rates(lr) -> list[float]:
     return [float(v) for v in values]
 
 
-SWEEP_OPTIMIZERS = ("sgd", "momentum", "adam")
-
-
 @dataclass
 class SweepResult:
     """The outcome of :func:`sweep` for N configurations.
@@ -405,7 +429,8 @@ class SweepResult:
 
     def grid(self, metric: str, rows: str, cols: str):
         """A pivot table (DataFrame) of :meth:`final` ``metric`` over two config keys
-        (``seed``, ``lr``); a diverged configuration shows as NaN, never as a missing cell."""
+        (``seed``, ``lr`` or any key of the sweep's ``grid``); a diverged configuration shows
+        as NaN, never as a missing cell."""
         import pandas as pd
 
         values = self.final(metric)
@@ -432,19 +457,59 @@ class SweepResult:
         return pd.DataFrame(recs)
 
 
+def _sweep_optimizer(optimizer, momentum):
+    """Class and implied keywords for :func:`sweep`; as before, ``momentum`` is ignored by an
+    optimizer name without momentum (``'sgd'``, ``'adam'``, ...) and 0.9 by default."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError("sweep builds its optimizer for the stacked copies: pass a name, an "
+                         "nnopt_utils.optim class or a factory(params), not an optimizer object")
+    if callable(optimizer) and not isinstance(optimizer, type):
+        return None, {}
+    if isinstance(optimizer, str) and optimizer in OPTIMIZERS and optimizer not in (
+            "momentum", "nesterov") and "momentum" not in _hyperparameters(
+            _optim.OPTIMIZERS[optimizer]) or optimizer == "sgd":
+        momentum = None
+    return _optimizer_class(optimizer, momentum)
+
+
+def _grid_values(key: str, values) -> list:
+    """A grid entry as a list of plain Python values (numbers, or pairs for ``betas``)."""
+    vals = values.tolist() if isinstance(values, (torch.Tensor, np.ndarray)) else values
+    if isinstance(vals, (numbers.Real, tuple)) and not isinstance(vals, bool):
+        vals = [vals]
+    if not isinstance(vals, list) or not vals:
+        raise ValueError(f"grid[{key!r}] must be a non-empty sequence of values, got {values!r}")
+
+    def real(v):
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+    out = []
+    for v in vals:
+        if isinstance(v, (tuple, list)) and len(v) == 2 and all(real(b) for b in v):
+            out.append(tuple(float(b) for b in v))
+        elif real(v):
+            out.append(float(v))
+        else:
+            raise ValueError(f"grid[{key!r}] holds {v!r}: each value must be a finite number"
+                             f"{' or a pair of them' if key == 'betas' else ''}")
+    return out
+
+
 def sweep(
     build: Callable[[int], nn.Module],
     data,
     *,
     seeds: Sequence[int] = (0,),
-    lr: float | Sequence[float] = 0.1,
+    lr: float | Sequence[float] | None = None,
+    grid: dict[str, Sequence] | None = None,
     steps: int = 100,
     loss="cross_entropy",
-    optimizer: str = "sgd",
-    momentum: float = 0.9,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
+    optimizer="sgd",
+    momentum: float | None = None,
+    betas: tuple[float, float] | None = None,
+    eps: float | None = None,
     weight_decay: float = 0.0,
+    masks: dict[str, torch.Tensor] | None = None,
     batch_size: int | None = None,
     sampling: str = "reshuffle",
     data_seed: int = 0,
@@ -452,25 +517,47 @@ def sweep(
     eval_every: int | None = None,
     device=None,
 ) -> SweepResult:
-    """Train one model per (seed, lr) pair in one vectorized run.
+    r"""Train one model per configuration (seed :math:`\times` hyperparameter grid) in one
+    vectorized run: :func:`fit` for N models at once.
 
-    ``build(seed)`` returns a freshly initialized model (without buffers: no BatchNorm).
-    Every copy sees the same mini-batches (drawn with ``data_seed``), exactly as N separate
-    calls of :func:`fit` with the same ``seed=data_seed`` would. Optimizers follow
-    ``torch.optim`` conventions: ``sgd``; ``momentum`` (heavy ball, ``buf = m*buf + g``);
-    ``adam``. A copy whose loss or gradient turns NaN/inf is frozen and flagged; the others go
-    on. The last update is checked as :func:`fit` checks it: a copy with non-finite
-    parameters, or (with ``eval_every``) a non-finite final training loss, is flagged as
-    diverged at step ``steps``. ``lr`` is a positive number (Python, NumPy or 0-d tensor) or a
-    sequence (list, array, 1-d tensor) of them.
+    The N copies are stacked (:func:`torch.func.stack_module_state`); each step is one batched
+    forward/backward (``vmap`` of ``grad``) and one step of an :mod:`nnopt_utils.optim`
+    optimizer over the stacked parameters, whose hyperparameters are tensors of one value per
+    copy where the grid varies them. So copy ``i`` follows exactly the iterates of
+    ``fit(build(seed_i), data, optimizer=..., seed=data_seed, **config_i)``: every copy sees
+    the same mini-batches, and per-tensor norms (LARS, LAMB) are taken per copy.
+
+    Parameters
+    ----------
+    build: ``build(seed)`` returns a freshly initialized model (without buffers: no BatchNorm).
+    seeds: crossed with the grid (seeds vary slowest).
+    lr: a positive number or a sequence of them (Python, NumPy or tensor), the same as
+        ``grid={"lr": lr}``; default 0.1 when the grid has no ``lr``.
+    grid: hyperparameter -> sequence of values, crossed in the order given, e.g.
+        ``{"lr": [1e-3, 1e-2], "weight_decay": [0, 0.1], "betas": [(0.9, 0.99)]}``; the keys
+        are the optimizer's numeric hyperparameters (``lr``, ``weight_decay``, ``momentum``,
+        ``betas``, ``eps``, ...).
+    optimizer: as :func:`fit`: a name from :data:`OPTIMIZERS`, an :mod:`nnopt_utils.optim`
+        class, or a ``factory(params)`` (it receives one parameter group with
+        ``"copies": N``; grid values are then written into that group).
+    momentum, betas, eps, weight_decay: fixed hyperparameters (``momentum`` is used by
+        ``'momentum'``/``'nesterov'``, 0.9 by default, and by optimizers that take one; it is
+        ignored by the others, as before).
+    masks: parameter name -> 0/1 (or bool) tensor of shape ``(N, *shape)`` or ``shape``:
+        masked entries are set to zero, get zero gradient and stay exactly zero (pruning).
+    schedule, sampling, batch_size, eval_every, data_seed: as :func:`fit` (``data_seed`` is
+        fit's ``seed``).
+
+    A copy whose loss or gradient turns NaN/inf is frozen and flagged; the others go on. The
+    last update is checked as :func:`fit` checks it: a copy with non-finite parameters, or
+    (with ``eval_every``) a non-finite final training loss, is flagged as diverged at step
+    ``steps``. ``configs[i]`` holds copy ``i``'s ``seed``, ``lr`` and grid values.
     """
     from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
     data = as_dataset(data)
-    if optimizer not in SWEEP_OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r} for sweep; choose one of: "
-                         f"{', '.join(SWEEP_OPTIMIZERS)}")
-    lrs = _learning_rates(lr)
+    cls, fixed = _sweep_optimizer(optimizer, momentum)
+    factory = optimizer if cls is None else None
     if not _is_int(steps) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
     steps = int(steps)
@@ -480,7 +567,37 @@ def sweep(
     if eval_every is not None and (not isinstance(eval_every, int) or eval_every <= 0):
         raise ValueError(f"eval_every must be a positive int or None, got {eval_every!r}")
     loss_fn = resolve_loss(loss)
-    configs = [{"seed": s, "lr": v} for s, v in itertools.product(seeds, lrs)]
+    grid = dict(grid or {})
+    if not isinstance(grid, dict):
+        raise ValueError(f"grid must be a dict hyperparameter -> values, got {grid!r}")
+    if lr is not None and "lr" in grid:
+        raise ValueError("give the learning rates once: lr= or grid['lr'], not both")
+    grid = {"lr": _learning_rates(0.1 if lr is None else lr) if "lr" not in grid else
+            _learning_rates(grid["lr"]), **{k: v for k, v in grid.items() if k != "lr"}}
+    # fixed hyperparameters, given explicitly, go to the optimizer when it takes them
+    fixed = dict(fixed)
+    if cls is not None:
+        allowed = [n for n in _hyperparameters(cls) if n not in ("nesterov", "centered")]
+        for name, value in (("weight_decay", weight_decay), ("betas", betas), ("eps", eps)):
+            if value is None or (name == "weight_decay" and value == 0 and name not in allowed):
+                continue
+            if name not in allowed:
+                raise ValueError(f"{name}={value!r} is not a hyperparameter of {cls.__name__}; "
+                                 f"it takes: {', '.join(allowed)}")
+            fixed[name] = value
+    for key in grid:
+        if cls is not None and key not in allowed:
+            raise ValueError(f"unknown grid key {key!r} for {cls.__name__}; choose among: "
+                             f"{', '.join(allowed)}")
+        grid[key] = _grid_values(key, grid[key])
+        if cls is not None:  # each value checked by the optimizer, so its error names it
+            for v in grid[key]:
+                try:
+                    cls([torch.zeros(1)], **{**fixed, "lr": grid["lr"][0], key: v})
+                except ValueError as e:
+                    raise ValueError(f"grid[{key!r}] value {v!r}: {e}") from None
+    configs = [{"seed": s, **dict(zip(grid, combo))}
+               for s, combo in itertools.product(seeds, itertools.product(*grid.values()))]
     models = [build(c["seed"]) for c in configs]
     if any(True for _ in models[0].buffers()):
         names = [n for n, _ in models[0].named_buffers()]
@@ -491,23 +608,65 @@ def sweep(
     params = {k: v.detach().clone() for k, v in params.items()}
     base = models[0]
     N = len(configs)
+    dtype = next(iter(params.values())).dtype
+
+    def bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return v.view(-1, *([1] * (like.dim() - 1)))
+
+    keep = None
+    if masks is not None:
+        unknown = sorted(set(masks) - set(params)) if isinstance(masks, dict) else masks
+        if not isinstance(masks, dict) or unknown:
+            raise ValueError(f"masks must map parameter names to tensors; unknown names: "
+                             f"{unknown!r}; choose among: {', '.join(params)}")
+        keep = {}
+        for k, m in masks.items():
+            m = torch.as_tensor(m, device=device)
+            if tuple(m.shape) == tuple(params[k].shape[1:]):
+                m = m.expand_as(params[k])
+            if m.shape != params[k].shape:
+                raise ValueError(f"mask {k!r} has shape {tuple(m.shape)}; expected "
+                                 f"{tuple(params[k].shape)} or {tuple(params[k].shape[1:])}")
+            keep[k] = m != 0
+            params[k].masked_fill_(~keep[k], 0)
+
+    # the grid's varying hyperparameters become per-copy tensors; constant ones stay floats
+    hyper = {}
+    for key, values in grid.items():
+        col = [c[key] for c in configs]
+        if all(v == col[0] for v in col):
+            hyper[key] = col[0]
+        elif key == "betas":
+            hyper[key] = tuple(torch.tensor([v[i] for v in col], dtype=dtype, device=device)
+                               for i in range(2))
+        else:
+            hyper[key] = torch.tensor(col, dtype=dtype, device=device)
+    group = {"params": list(params.values()), "copies": N}
+    if factory is None:
+        opt = cls([group], **{**fixed, **hyper})
+    else:
+        opt = factory([group])
+        g0 = opt.param_groups[0]
+        for key, value in hyper.items():
+            if key not in g0:
+                raise ValueError(f"unknown grid key {key!r} for the factory's optimizer; "
+                                 f"choose among: {', '.join(k for k in g0 if k != 'params')}")
+            g0[key] = value
+            if key == "lr" and "initial_lr" in g0:
+                g0["initial_lr"] = value
+    if schedule is not None:
+        base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in opt.param_groups]
 
     def loss_one(p, xb, yb):
         return loss_fn(functional_call(base, p, (xb,)), yb)
 
     grad_value = vmap(grad_and_value(loss_one), in_dims=(0, None, None))
     forward_all = vmap(lambda p, xb: functional_call(base, p, (xb,)), in_dims=(0, None))
-    lr_vec = torch.tensor([c["lr"] for c in configs], device=device,
-                          dtype=next(iter(params.values())).dtype)
 
-    def bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return v.view(-1, *([1] * (like.dim() - 1)))
-
-    state = {k: torch.zeros_like(v) for k, v in params.items()}
-    state2 = {k: torch.zeros_like(v) for k, v in params.items()}
     alive = torch.ones(N, dtype=torch.bool, device=device)
+    all_alive = True
     diverged_at = torch.full((N,), -1, dtype=torch.long)
-    losses = torch.full((N, steps), math.nan, dtype=lr_vec.dtype)
+    losses = torch.full((N, steps), math.nan, dtype=dtype)
     eval_steps: list[int] = []
     metrics: dict[str, list[torch.Tensor]] = {}
 
@@ -528,7 +687,6 @@ def sweep(
                     metrics.setdefault(f"{name}_acc", []).append(acc.cpu())
 
     X, y = data.X, data.y
-    b1, b2 = betas
     for t, idx in enumerate(batches(len(X), batch_size, steps, sampling=sampling, seed=data_seed,
                                     device=X.device)):
         if eval_every is not None and t % eval_every == 0:
@@ -538,29 +696,36 @@ def sweep(
         value = value.detach()
         finite = torch.isfinite(value) & torch.stack(  # reshape, not flatten(1): 0-d params
             [torch.isfinite(v.reshape(N, -1)).all(1) for v in g.values()]).all(0)
-        newly = alive & ~finite
-        diverged_at[newly.cpu()] = t
-        alive = alive & finite
-        losses[:, t] = torch.where(alive, value, torch.full_like(value, math.nan)).cpu()
-        step_lr = lr_vec * (schedule(t) if schedule is not None else 1.0)
+        if all_alive and bool(finite.all()):
+            losses[:, t] = value.cpu()
+        else:
+            newly = alive & ~finite
+            diverged_at[newly.cpu()] = t
+            alive = alive & finite
+            all_alive = False
+            losses[:, t] = torch.where(alive, value, torch.full_like(value, math.nan)).cpu()
+        if schedule is not None:
+            mult = schedule(t)
+            for gr, b in zip(opt.param_groups, base_lrs):
+                gr["lr"] = b * mult
+        for k, p in params.items():
+            gk = g[k]
+            if not all_alive:  # frozen copies: no NaN enters the step (they are restored below)
+                gk = torch.where(bc(alive, gk), gk, torch.zeros_like(gk))
+            if keep is not None and k in keep:
+                gk = gk.masked_fill(~keep[k], 0)
+            p.grad = gk
+        before = None if all_alive else [p.clone() for p in params.values()]
+        opt.step()
         with torch.no_grad():
-            for k, p in params.items():
-                gk = torch.nan_to_num(g[k])
-                if weight_decay:
-                    gk = gk + weight_decay * p
-                if optimizer == "sgd":
-                    upd = gk
-                elif optimizer == "momentum":
-                    state[k] = momentum * state[k] + gk if t > 0 else gk.clone()
-                    upd = state[k]
-                else:  # adam
-                    state[k] = b1 * state[k] + (1 - b1) * gk
-                    state2[k] = b2 * state2[k] + (1 - b2) * gk * gk
-                    mhat = state[k] / (1 - b1 ** (t + 1))
-                    vhat = state2[k] / (1 - b2 ** (t + 1))
-                    upd = mhat / (vhat.sqrt() + eps)
-                mask = bc(alive, p)
-                params[k] = torch.where(mask, p - bc(step_lr, p) * upd, p)
+            if before is not None:
+                for p, b in zip(params.values(), before):
+                    p.copy_(torch.where(bc(alive, p), p, b))
+            if keep is not None:
+                for k, m in keep.items():
+                    params[k].masked_fill_(~m, 0)
+    for p in params.values():
+        p.grad = None
     # the last update, as fit checks it: non-finite parameters, or a non-finite final loss
     finite = torch.stack([torch.isfinite(v.reshape(N, -1)).all(1) for v in params.values()]).all(0)
     if eval_every is not None:

@@ -3,6 +3,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import nnopt_utils as nu
 from nnopt_utils import hessian
@@ -150,3 +151,208 @@ def test_bad_input():
         hessian.lanczos(f, theta, 3, iters=2)
     with pytest.raises(ValueError, match="tol must be a positive number"):
         hessian.lanczos(f, theta, tol=0.0)
+
+
+# --------------------------------------------------------------------------------------
+# traces and spectral density
+
+
+def _classifier(activation, loss, n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    net = nu.mlp(5, [7, 6], 3, activation=activation, seed=seed).double()
+    X = torch.randn(n, 5, dtype=torch.float64, generator=g)
+    y = (
+        torch.randint(0, 3, (n,), generator=g)
+        if loss == "cross_entropy"
+        else torch.randn(n, 3, dtype=torch.float64, generator=g)
+    )
+    f, theta = hessian.flat_function(net, nu.train.LOSSES[loss], X, y)
+    return net, X, y, f, theta
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "linear", "tanh"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_exact_trace_equals_dense_hessian_trace(activation, loss):
+    net, X, y, f, theta = _classifier(activation, loss)
+    H = hessian.dense_hessian(f, theta)
+    want = float(torch.trace(H))
+    methods = ["preactivation"] + (["gauss_newton"] if activation != "tanh" else [])
+    for method in ["auto", *methods]:
+        assert hessian.exact_trace(net, X, y, loss, method=method) == pytest.approx(
+            want, rel=1e-10
+        )
+    assert hessian.hvp_trace(f, theta, chunk_size=17) == pytest.approx(want, rel=1e-10)
+    # the nearest wrong answers are far outside rel=1e-10: the bias entries of the
+    # diagonal (omitted, the trace would be off by them) and the 1/N of the mean (off by
+    # N = 12)
+    sizes = [p.numel() for p in net.parameters()]
+    offsets = torch.cumsum(torch.tensor([0] + sizes), 0)
+    bias = sum(
+        float(torch.diagonal(H)[offsets[i] : offsets[i + 1]].sum())
+        for i, p in enumerate(net.parameters())
+        if p.dim() == 1
+    )
+    assert abs(bias) > 1e-3 * abs(want)
+
+
+def test_exact_trace_gauss_newton_is_exact_only_when_piecewise_linear(monkeypatch):
+    # ReLU: the Hessian is not the Gauss-Newton matrix (negative eigenvalues) yet the
+    # traces agree; tanh: the Gauss-Newton trace misses the phi'' terms, so exact_trace
+    # refuses it
+    _, X, y, f, theta = _classifier("relu", "cross_entropy")
+    assert float(torch.linalg.eigvalsh(hessian.dense_hessian(f, theta))[0]) < -1e-3
+    tanh = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    f, theta = hessian.flat_function(tanh, nu.train.LOSSES["cross_entropy"], X, y)
+    want = float(torch.trace(hessian.dense_hessian(f, theta)))
+    assert hessian.exact_trace(tanh, X, y) == pytest.approx(want, rel=1e-10)
+    with pytest.raises(ValueError, match="method 'gauss_newton' is exact only"):
+        hessian.exact_trace(tanh, X, y, method="gauss_newton")
+    monkeypatch.setattr(hessian, "_PIECEWISE_LINEAR", (nn.Tanh,))
+    wrong = hessian.exact_trace(tanh, X, y, method="gauss_newton")
+    assert abs(wrong - want) > 1e-3 * abs(want)
+
+
+def test_exact_trace_structure_and_loss_checks():
+    net, X, y, *_ = _classifier("relu", "cross_entropy")
+    bn = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"does not support module '1': BatchNorm1d"):
+        hessian.exact_trace(bn.double(), X, y)
+    with pytest.raises(ValueError, match="needs an nn.Sequential"):
+        hessian.exact_trace(nu.residual_mlp(5, 4, 2, 3).double(), X, y)
+    with pytest.raises(ValueError, match="unknown method 'gn'"):
+        hessian.exact_trace(net, X, y, method="gn")
+    with pytest.raises(ValueError, match="same .positive. number of samples"):
+        hessian.exact_trace(net, X, y[:5])
+
+    def summed(out, t):
+        return nn.functional.cross_entropy(out, t, reduction="sum")
+
+    with pytest.raises(ValueError, match="loss must be a mean over samples"):
+        hessian.exact_trace(net, X, y, summed)
+    # without biases: no +1 terms, still exact
+    nob = nu.mlp(5, [7], 3, bias=False, seed=1).double()
+    f, theta = hessian.flat_function(nob, nu.train.LOSSES["cross_entropy"], X, y)
+    assert hessian.exact_trace(nob, X, y) == pytest.approx(
+        float(torch.trace(hessian.dense_hessian(f, theta))), rel=1e-10
+    )
+
+
+def test_hutchinson_trace_standard_error_and_stop():
+    # a diagonal Hessian: every Rademacher probe gives tr H exactly (Gaussian probes
+    # would not), so the standard error is 0 and it stops at min_probes
+    d = torch.linspace(-1, 3, 20, dtype=torch.float64)
+    r = hessian.hutchinson_trace(
+        lambda x: 0.5 * (d * x * x).sum(),
+        torch.zeros(20, dtype=torch.float64),
+        min_probes=4,
+        block=3,
+    )
+    assert r.converged and r.probes == 4 and r.stderr == 0.0
+    assert torch.allclose(
+        r.samples, torch.full((4,), float(d.sum()), dtype=torch.float64)
+    )
+    # a network: the estimate lies within 4 standard errors of the dense trace, and the
+    # standard error is std / sqrt(m) (not std) and meets the target
+    _, _, _, f, theta = _classifier("tanh", "mse")
+    want = float(torch.trace(hessian.dense_hessian(f, theta)))
+    r = hessian.hutchinson_trace(f, theta, rtol=0.05, max_probes=5000, block=50, seed=1)
+    assert r.converged and r.probes == len(r.samples) >= 10
+    assert r.stderr == pytest.approx(
+        float(r.samples.std()) / math.sqrt(r.probes), rel=1e-12
+    )
+    assert r.stderr <= 0.05 * abs(r.estimate)
+    assert abs(r.estimate - want) < 4 * r.stderr
+    # a tighter target needs more probes; the same seed repeats, another one differs
+    tight = hessian.hutchinson_trace(
+        f, theta, rtol=0.025, max_probes=20000, block=50, seed=1
+    )
+    assert tight.probes > r.probes
+    assert (
+        hessian.hutchinson_trace(
+            f, theta, rtol=0.05, max_probes=5000, block=50, seed=1
+        ).estimate
+        == r.estimate
+    )
+    assert (
+        hessian.hutchinson_trace(
+            f, theta, rtol=0.05, max_probes=5000, block=50, seed=2
+        ).estimate
+        != r.estimate
+    )
+    with pytest.warns(RuntimeWarning, match="raise max_probes"):
+        r = hessian.hutchinson_trace(f, theta, rtol=1e-6, max_probes=20, block=8)
+    assert not r.converged and r.probes == 20
+
+
+def test_spectral_density_quadrature_reproduces_moments():
+    lam = torch.cat(
+        [
+            torch.tensor([10.0, 7.0, 5.0], dtype=torch.float64),
+            torch.linspace(-0.5, 1, 57, dtype=torch.float64),
+        ]
+    )
+    f, x0, Q = _spectrum_problem(lam)
+    A = (Q * lam) @ Q.T
+    steps, probes = 6, 40
+    r = hessian.spectral_density(f, x0, steps=steps, probes=probes, seed=3)
+    assert r.nodes.shape == r.weights.shape == (probes, steps)
+    assert torch.allclose(r.weights.sum(1), torch.ones(probes, dtype=torch.float64))
+    # Gauss quadrature: sum_j w_j tau_j^k = v^T H^k v exactly for k < 2 steps (the same
+    # probes, redrawn from the same generator); weights from the last row of S, or
+    # unsquared, fail this at k = 0 or 1
+    v = torch.randn(probes, 60, generator=nu.generator(3), dtype=torch.float64)
+    v = v / v.norm(dim=1, keepdim=True)
+    Hk = torch.eye(60, dtype=torch.float64)
+    for k in range(2 * steps):
+        quad = (r.weights * r.nodes**k).sum(1)
+        assert torch.allclose(quad, ((v @ Hk) * v).sum(1), rtol=1e-8), k
+        if k:  # and the probe mean estimates tr(H^k) / P within 4 standard errors
+            se = float(quad.std()) / math.sqrt(probes)
+            assert abs(float(quad.mean()) - float((lam**k).mean())) < 4 * se
+        Hk = Hk @ A
+    # the density integrates to 1 and is the sum of Gaussians at the nodes
+    assert float(torch.trapezoid(r.density, r.grid)) == pytest.approx(1.0, rel=1e-6)
+    t = r.grid[123]
+    g = torch.exp(-0.5 * ((t - r.nodes) / r.sigma) ** 2) / (
+        r.sigma * math.sqrt(2 * math.pi)
+    )
+    assert float(r.density[123]) == pytest.approx(
+        float((g * r.weights).sum() / probes), rel=1e-12
+    )
+
+
+def test_spectral_density_full_krylov_space_gives_the_eigenvalues():
+    # a network with P = 44 parameters: steps = P recovers the dense spectrum exactly
+    (f, theta), *_ = _problem()
+    ev = torch.linalg.eigvalsh(hessian.dense_hessian(f, theta))
+    r = hessian.spectral_density(
+        f, theta, steps=theta.numel(), grid=torch.linspace(-1, 1, 5)
+    )
+    nodes = r.nodes[0][r.weights[0] > 1e-12]
+    assert len(nodes) == len(ev)
+    assert torch.allclose(nodes, ev, atol=1e-9 * float(ev.abs().max()))
+    assert torch.equal(r.grid, torch.linspace(-1, 1, 5).double())
+
+
+def test_trace_and_density_bad_input():
+    *_, f, theta = _classifier("relu", "cross_entropy")
+    with pytest.raises(ValueError, match="rtol must be a positive number, got 0"):
+        hessian.hutchinson_trace(f, theta, rtol=0)
+    with pytest.raises(ValueError, match="max_probes must be an int >= 10, got 5"):
+        hessian.hutchinson_trace(f, theta, max_probes=5)
+    with pytest.raises(ValueError, match="min_probes must be an int >= 2, got 1"):
+        hessian.hutchinson_trace(f, theta, min_probes=1)
+    with pytest.raises(ValueError, match="theta must be a 1-D tensor"):
+        hessian.hvp_trace(f, theta[None])
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1, got 0"):
+        hessian.hvp_trace(f, theta, chunk_size=0)
+    with pytest.raises(
+        ValueError, match="steps must be at most the number of parameters"
+    ):
+        hessian.spectral_density(f, theta, steps=theta.numel() + 1)
+    with pytest.raises(ValueError, match="probes must be an int >= 1, got 0"):
+        hessian.spectral_density(f, theta, probes=0)
+    with pytest.raises(ValueError, match="sigma must be a positive number, got -1"):
+        hessian.spectral_density(f, theta, steps=4, sigma=-1.0)
+    with pytest.raises(ValueError, match=r"grid must be an int >= 2 or a 1-D tensor"):
+        hessian.spectral_density(f, theta, steps=4, grid=torch.zeros(3, 3))
