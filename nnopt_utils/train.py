@@ -495,6 +495,76 @@ def _grid_values(key: str, values) -> list:
     return out
 
 
+#: parameter-free modules that act entry by entry (the batched MLP path of sweep)
+_ELEMENTWISE_MODULES = (nn.ReLU, nn.Tanh, nn.GELU, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU,
+                        nn.Softplus, nn.Hardtanh, nn.Identity)
+
+
+def _stacked_loss(loss_fn: Callable) -> Callable:
+    """``losses(out, y)``: the N per-copy losses of stacked outputs ``out`` (N, batch, ...)
+    against shared targets ``y``; the library's cross-entropy runs as one call on the
+    flattened batch, any other loss as a ``vmap``."""
+    from torch.func import vmap
+
+    general = vmap(loss_fn, in_dims=(0, None))
+    if loss_fn is not _cross_entropy:
+        return general
+
+    def losses(out, y):
+        if out.dim() != 3 or y.dim() != 1:
+            return general(out, y)
+        n = out.shape[0]
+        per = nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.repeat(n),
+                                          reduction="none")
+        return per.view(n, -1).mean(1)
+
+    return losses
+
+
+def _stacked_forward(base: nn.Module, params: dict[str, torch.Tensor]) -> Callable:
+    """``forward(p, x)``: the outputs ``(N, batch, ...)`` of N stacked copies of ``base``.
+
+    A plain MLP (``nn.Sequential`` of Linear layers and parameter-free element-wise
+    activations, as :func:`~nnopt_utils.models.mlp` builds it without normalization) runs as
+    batched matrix products, one ``baddbmm`` per layer; any other model as a ``vmap`` of
+    :func:`torch.func.functional_call`.
+    """
+    from torch.func import functional_call, vmap
+
+    from .models import _Elementwise
+
+    plan, names = [], []
+    if isinstance(base, nn.Sequential):
+        for name, m in base.named_children():
+            if type(m) is nn.Linear:
+                w, b = f"{name}.weight", (f"{name}.bias" if m.bias is not None else None)
+                plan.append((w, b))
+                names += [w] + ([b] if b else [])
+            elif isinstance(m, (_Elementwise, *_ELEMENTWISE_MODULES)) and not any(
+                    True for _ in m.parameters()):
+                plan.append(m)
+            else:
+                plan = None
+                break
+    general = vmap(lambda p, x: functional_call(base, p, (x,)), in_dims=(0, None))
+    if plan is None or sorted(names) != sorted(params):
+        return general
+
+    def forward(p, x):
+        if x.dim() != 2:  # Linear layers act on the last dimension: leave that to vmap
+            return general(p, x)
+        h = x.expand(len(p[names[0]]), *x.shape)
+        for step in plan:
+            if isinstance(step, tuple):
+                w, b = p[step[0]].transpose(1, 2), step[1]
+                h = torch.bmm(h, w) if b is None else torch.baddbmm(p[b].unsqueeze(1), h, w)
+            else:
+                h = step(h)
+        return h
+
+    return forward
+
+
 def sweep(
     build: Callable[[int], nn.Module],
     data,
@@ -553,7 +623,7 @@ def sweep(
     (with ``eval_every``) a non-finite final training loss, is flagged as diverged at step
     ``steps``. ``configs[i]`` holds copy ``i``'s ``seed``, ``lr`` and grid values.
     """
-    from torch.func import functional_call, grad_and_value, stack_module_state, vmap
+    from torch.func import stack_module_state, vmap
 
     data = as_dataset(data)
     cls, fixed = _sweep_optimizer(optimizer, momentum)
@@ -657,11 +727,17 @@ def sweep(
     if schedule is not None:
         base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in opt.param_groups]
 
-    def loss_one(p, xb, yb):
-        return loss_fn(functional_call(base, p, (xb,)), yb)
+    forward_all = _stacked_forward(base, params)
+    losses_all = _stacked_loss(loss_fn)
+    for p in params.values():
+        p.requires_grad_(True)
 
-    grad_value = vmap(grad_and_value(loss_one), in_dims=(0, None, None))
-    forward_all = vmap(lambda p, xb: functional_call(base, p, (xb,)), in_dims=(0, None))
+    def grad_value(p, xb, yb):
+        # copies share nothing, so the gradient of the summed losses is every copy's own
+        # gradient: one batched forward and one backward, cheaper than a vmap of grad
+        value = losses_all(forward_all(p, xb), yb)
+        g = torch.autograd.grad(value.sum(), list(p.values()))
+        return dict(zip(p, g)), value.detach()
 
     alive = torch.ones(N, dtype=torch.bool, device=device)
     all_alive = True
@@ -693,9 +769,8 @@ def sweep(
             record_eval(t)
         xb, yb = (X, y) if idx is None else (X[idx], y[idx])
         g, value = grad_value(params, xb, yb)
-        value = value.detach()
-        finite = torch.isfinite(value) & torch.stack(  # reshape, not flatten(1): 0-d params
-            [torch.isfinite(v.reshape(N, -1)).all(1) for v in g.values()]).all(0)
+        finite = torch.isfinite(  # reshape, not flatten(1): 0-d parameters
+            torch.cat([value.view(N, 1), *(v.reshape(N, -1) for v in g.values())], 1)).all(1)
         if all_alive and bool(finite.all()):
             losses[:, t] = value.cpu()
         else:
@@ -726,6 +801,7 @@ def sweep(
                     params[k].masked_fill_(~m, 0)
     for p in params.values():
         p.grad = None
+        p.requires_grad_(False)
     # the last update, as fit checks it: non-finite parameters, or a non-finite final loss
     finite = torch.stack([torch.isfinite(v.reshape(N, -1)).all(1) for v in params.values()]).all(0)
     if eval_every is not None:

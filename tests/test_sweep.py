@@ -58,6 +58,41 @@ def test_sweep_equals_separate_fits(digits64, optimizer, batch_size):
     assert not res.diverged.any()
 
 
+def test_general_path_equals_separate_fits(digits64):
+    """A model that is not a plain Linear/activation stack (here with LayerNorm) runs through
+    vmap of functional_call, and its copies still follow their separate fits."""
+    from nnopt_utils.train import _stacked_forward
+
+    build_ln = lambda s: nu.mlp(64, [16], 10, norm="layer", seed=s).double()  # noqa: E731
+    stacked, _ = torch.func.stack_module_state([build_ln(0), build_ln(1)])
+    assert _stacked_forward(build_ln(0), stacked).__name__ != "forward"  # the vmap path
+    res = nu.sweep(build_ln, digits64, seeds=(0, 1), lr=0.1, steps=10, batch_size=32,
+                   optimizer="momentum")
+    for i in range(2):
+        model = build_ln(i)
+        nu.fit(model, digits64, optimizer="momentum", lr=0.1, steps=10, batch_size=32)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(res.params[name][i], p.detach(), rtol=1e-9, atol=1e-12)
+
+
+def test_batched_mlp_path_equals_vmap_path(digits64):
+    """The batched-matmul forward of a plain MLP equals vmap of functional_call."""
+    from torch.func import functional_call, vmap
+
+    from nnopt_utils.train import _stacked_forward
+
+    models = [build(s) for s in range(3)]
+    stacked, _ = torch.func.stack_module_state(models)
+    fast = _stacked_forward(models[0], stacked)
+    assert fast.__name__ == "forward"  # the batched-matmul path
+    slow = vmap(lambda p, x: functional_call(models[0], p, (x,)), in_dims=(0, None))
+    torch.testing.assert_close(fast(stacked, digits64.X), slow(stacked, digits64.X),
+                               rtol=1e-12, atol=1e-12)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(fast(stacked, digits64.X)[i], m(digits64.X),
+                                   rtol=1e-12, atol=1e-12)
+
+
 def test_sweep_equals_plain_torch_loop(digits64):
     """A hand-written loop (no nu.fit) with the same batches gives the same parameters."""
     res = nu.sweep(build, digits64, seeds=(4,), lr=0.1, steps=15, batch_size=50,
