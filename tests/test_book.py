@@ -161,3 +161,53 @@ def test_chapters_draw_through_the_global_seed(path):
 def test_setup_cell_honours_the_install_source(path):
     setup = next(c for c in load(path)["cells"] if c["cell_type"] == "code")
     assert "NNOPT_INSTALL_SOURCE" in source(setup), f"{path.name}: setup cell ignores it"
+
+
+PY_ROLE = re.compile(r"\{py:(func|class|mod|meth|data)\}`(?:[^`<]*<)?~?([\w.]+)>?`")
+LIBRARY_MENTION = re.compile(r"(?<![}\w])`((?:nu|nnopt_utils)\.[A-Za-z_][\w.]*)(?:\(\))?`")
+
+
+def _api_modules() -> set[str]:
+    pages = (ROOT / "reference" / "api").glob("*.md")
+    return {m for p in pages for m in re.findall(r"automodule:: ([\w.]+)", p.read_text())}
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_library_links_resolve_to_the_api_reference(path):
+    """Each {py:...} role names an object of a module the API reference documents (Sphinx
+    would otherwise drop the link silently), and a chapter links the first time its prose
+    names a library object."""
+    import importlib
+    import inspect
+
+    documented = _api_modules()
+    markdown = [source(c) for c in load(path)["cells"] if c["cell_type"] == "markdown"]
+    linked = set()
+    for kind, target in PY_ROLE.findall("\n".join(markdown)):
+        module, _, name = target.rpartition(".") if kind != "mod" else (target, "", "")
+        while module and module not in documented and "." in module:  # a method: Class.meth
+            module, _, outer = module.rpartition(".")
+            name = f"{outer}.{name}"
+        assert module in documented, f"{path.name}: {target} is not in a documented module"
+        obj = importlib.import_module(module)
+        for part in filter(None, name.split(".")):
+            obj = getattr(obj, part, None)
+            assert obj is not None, f"{path.name}: {target} does not exist"
+        if kind == "mod":
+            assert inspect.ismodule(obj)
+        else:
+            assert obj.__module__ == module, (
+                f"{path.name}: link {target} where it is defined ({obj.__module__})")
+        linked.add(target)
+    # the first mention of a library object in the prose is a link; later ones may be plain
+    shown = set()
+    token = re.compile(PY_ROLE.pattern.replace("(?:[^`<]*<)?", "([^`<]*<)?") + "|"
+                       + LIBRARY_MENTION.pattern)
+    for text in markdown:
+        for m in token.finditer(text):
+            if m.group(0).startswith("{py:"):
+                shown.add((m.group(2) or "").rstrip(" <").rstrip("()"))
+            else:
+                assert m.group(4) in shown, (
+                    f"{path.name}: the first mention of `{m.group(4)}` should link to the API "
+                    f"reference, e.g. {{py:func}}`{m.group(4)} <nnopt_utils.module.name>`")
