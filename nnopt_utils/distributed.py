@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from .config import generator
+from .optim import SGD
 
 __all__ = [
     "BACKENDS",
@@ -682,7 +683,7 @@ def _train_one(cfg: RunConfig, rank: int, world: int, X: torch.Tensor, y: torch.
     compressor = (make_compressor(cfg.compressor, ratio=cfg.ratio, levels=cfg.levels,
                                   error_feedback=cfg.error_feedback, seed=cfg.seed)
                   if cfg.mode == "compressed" else None)
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr)
+    opt = SGD(net.parameters(), lr=cfg.lr)
     record = {"step": [], "loss": [], "rounds": [], "bytes": []}
     rounds, diverged = 0, False
 

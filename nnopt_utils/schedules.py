@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import optim as _optim
+
 __all__ = [
     "Schedule",
     "constant",
@@ -361,11 +363,11 @@ def lr_range_test(
     if callable(optimizer):
         opt = optimizer(params, lr_min)
     elif optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr_min)
+        opt = _optim.SGD(params, lr=lr_min)
     elif optimizer == "momentum":
-        opt = torch.optim.SGD(params, lr=lr_min, momentum=momentum)
+        opt = _optim.SGD(params, lr=lr_min, momentum=momentum)
     elif optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr_min)
+        opt = _optim.Adam(params, lr=lr_min)
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of: sgd, momentum, adam "
                          "or pass a factory(params, lr)")
