@@ -211,3 +211,11 @@ def test_library_links_resolve_to_the_api_reference(path):
                 assert m.group(4) in shown, (
                     f"{path.name}: the first mention of `{m.group(4)}` should link to the API "
                     f"reference, e.g. {{py:func}}`{m.group(4)} <nnopt_utils.module.name>`")
+
+
+def test_bibliography_parses():
+    """references.bib is valid BibTeX (a missing brace stops the whole book build)."""
+    from pybtex.database import parse_file
+
+    entries = parse_file(str(ROOT / "references.bib"), bib_format="bibtex").entries
+    assert len(entries) == len(bib_keys())
