@@ -590,33 +590,42 @@ def sweep(
     r"""Train one model per configuration (seed :math:`\times` hyperparameter grid) in one
     vectorized run: :func:`fit` for N models at once.
 
-    The N copies are stacked (:func:`torch.func.stack_module_state`); each step is one batched
-    forward/backward (``vmap`` of ``grad``) and one step of an :mod:`nnopt_utils.optim`
-    optimizer over the stacked parameters, whose hyperparameters are tensors of one value per
-    copy where the grid varies them. So copy ``i`` follows exactly the iterates of
-    ``fit(build(seed_i), data, optimizer=..., seed=data_seed, **config_i)``: every copy sees
-    the same mini-batches, and per-tensor norms (LARS, LAMB) are taken per copy.
+    The N copies are stacked (:func:`torch.func.stack_module_state`). Each step is one
+    batched forward pass of all copies (batched matrix products for a plain MLP, a ``vmap``
+    of :func:`torch.func.functional_call` otherwise), one backward pass of the summed losses
+    (copies share nothing, so it yields every copy's own gradient), and one step of an
+    :mod:`nnopt_utils.optim` optimizer over the stacked parameters, whose hyperparameters
+    are tensors of one value per copy where the grid varies them. So copy ``i`` follows the
+    iterates of ``fit(build(seed_i), data, optimizer=..., seed=data_seed, **config_i)``:
+    every copy sees the same mini-batches, and per-tensor norms (LARS, LAMB) are taken per
+    copy.
 
     Parameters
     ----------
-    build: ``build(seed)`` returns a freshly initialized model (without buffers: no BatchNorm).
-    seeds: crossed with the grid (seeds vary slowest).
-    lr: a positive number or a sequence of them (Python, NumPy or tensor), the same as
+    build
+        ``build(seed)`` returns a freshly initialized model (without buffers: no BatchNorm).
+    seeds
+        Crossed with the grid (seeds vary slowest).
+    lr
+        A positive number or a sequence of them (Python, NumPy or tensor), the same as
         ``grid={"lr": lr}``; default 0.1 when the grid has no ``lr``.
-    grid: hyperparameter -> sequence of values, crossed in the order given, e.g.
-        ``{"lr": [1e-3, 1e-2], "weight_decay": [0, 0.1], "betas": [(0.9, 0.99)]}``; the keys
-        are the optimizer's numeric hyperparameters (``lr``, ``weight_decay``, ``momentum``,
-        ``betas``, ``eps``, ...).
-    optimizer: as :func:`fit`: a name from :data:`OPTIMIZERS`, an :mod:`nnopt_utils.optim`
-        class, or a ``factory(params)`` (it receives one parameter group with
-        ``"copies": N``; grid values are then written into that group).
-    momentum, betas, eps, weight_decay: fixed hyperparameters (``momentum`` is used by
-        ``'momentum'``/``'nesterov'``, 0.9 by default, and by optimizers that take one; it is
-        ignored by the others, as before).
-    masks: parameter name -> 0/1 (or bool) tensor of shape ``(N, *shape)`` or ``shape``:
+    grid
+        Hyperparameter -> sequence of values, crossed in the order given, e.g.
+        ``{"lr": [1e-3, 1e-2], "weight_decay": [0, 0.1], "betas": [(0.9, 0.99)]}``; the
+        keys are the optimizer's numeric hyperparameters (``lr``, ``weight_decay``,
+        ``momentum``, ``betas``, ``eps``, ...).
+    optimizer
+        As :func:`fit`: a name from :data:`OPTIMIZERS`, an :mod:`nnopt_utils.optim` class,
+        or a ``factory(params)`` (it receives one parameter group with ``"copies": N``;
+        grid values are then written into that group).
+    momentum, betas, eps, weight_decay
+        Fixed hyperparameters (``momentum`` is used by ``'momentum'``/``'nesterov'``, 0.9
+        by default, and by optimizers that take one; it is ignored by the others).
+    masks
+        Parameter name -> 0/1 (or bool) tensor of shape ``(N, *shape)`` or ``shape``:
         masked entries are set to zero, get zero gradient and stay exactly zero (pruning).
-    schedule, sampling, batch_size, eval_every, data_seed: as :func:`fit` (``data_seed`` is
-        fit's ``seed``).
+    schedule, sampling, batch_size, eval_every, data_seed
+        As :func:`fit` (``data_seed`` is fit's ``seed``).
 
     A copy whose loss or gradient turns NaN/inf is frozen and flagged; the others go on. The
     last update is checked as :func:`fit` checks it: a copy with non-finite parameters, or
