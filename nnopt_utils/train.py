@@ -600,6 +600,11 @@ def sweep(
     every copy sees the same mini-batches, and per-tensor norms (LARS, LAMB) are taken per
     copy.
 
+    A copy whose loss or gradient turns NaN/inf is frozen and flagged; the others go on. The
+    last update is checked as :func:`fit` checks it: a copy with non-finite parameters, or
+    (with ``eval_every``) a non-finite final training loss, is flagged as diverged at step
+    ``steps``. ``configs[i]`` holds copy ``i``'s ``seed``, ``lr`` and grid values.
+
     Parameters
     ----------
     build
@@ -627,10 +632,6 @@ def sweep(
     schedule, sampling, batch_size, eval_every, data_seed
         As :func:`fit` (``data_seed`` is fit's ``seed``).
 
-    A copy whose loss or gradient turns NaN/inf is frozen and flagged; the others go on. The
-    last update is checked as :func:`fit` checks it: a copy with non-finite parameters, or
-    (with ``eval_every``) a non-finite final training loss, is flagged as diverged at step
-    ``steps``. ``configs[i]`` holds copy ``i``'s ``seed``, ``lr`` and grid values.
     """
     from torch.func import stack_module_state, vmap
 
