@@ -79,9 +79,10 @@ test-browser: book
 
 ## pdf: the book as a PDF through LaTeX (TeX Live); not part of `make test`
 pdf: $(STAMP) book-cache
-	@command -v latexmk >/dev/null 2>&1 && command -v xelatex >/dev/null 2>&1 || { \
+	@command -v latexmk >/dev/null 2>&1 && command -v xelatex >/dev/null 2>&1 && \
+	  kpsewhich bbm.sty >/dev/null 2>&1 || { \
 	  echo "make pdf needs TeX Live: apt-get install -y texlive-latex-recommended \
-	  texlive-latex-extra texlive-fonts-recommended texlive-xetex latexmk fonts-freefont-otf"; \
+	  texlive-latex-extra texlive-fonts-recommended texlive-xetex texlive-fonts-extra latexmk fonts-freefont-otf"; \
 	  exit 1; }
 	$(BIN)/jupyter-book build . --builder pdflatex
 	@echo "The PDF: $(CURDIR)/_build/latex/nnopt.pdf"

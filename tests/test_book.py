@@ -219,3 +219,15 @@ def test_bibliography_parses():
 
     entries = parse_file(str(ROOT / "references.bib"), bib_format="bibtex").entries
     assert len(entries) == len(bib_keys())
+
+
+UNBRACED_MACRO = re.compile(r"[_^]\\(Loss|E|R|N|norm|abs|inner|Hess|grad|argmin|Var|tr|diag|rank)\b")
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_macro_subscripts_are_braced(path):
+    """`\\rho_\\Loss` renders in MathJax but stops LaTeX (the macro expands to several tokens):
+    a book macro in a sub- or superscript needs braces, `\\rho_{\\Loss}`."""
+    text = "\n".join(source(c) for c in load(path)["cells"] if c["cell_type"] == "markdown")
+    assert not UNBRACED_MACRO.findall(text), (
+        f"{path.name}: brace these: {sorted(set(m.group(0) for m in UNBRACED_MACRO.finditer(text)))}")
