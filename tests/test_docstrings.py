@@ -49,9 +49,6 @@ def _make_any_directive():
     return AnyDirective
 
 
-_AnyDirective = _make_any_directive()
-
-
 def _docstrings(module_name: str):
     module = importlib.import_module(module_name)
     yield module_name, inspect.getdoc(module) or ""
@@ -79,8 +76,9 @@ def test_docstrings_render_without_warnings(module_name):
 
     for role in SPHINX_ROLES:
         roles.register_local_role(role, literal)
+    any_directive = _make_any_directive()
     for name in SPHINX_DIRECTIVES:
-        directives.register_directive(name, _AnyDirective)
+        directives.register_directive(name, any_directive)
     config = Config(napoleon_numpy_docstring=True, napoleon_google_docstring=False)
     problems = []
     for where, doc in _docstrings(module_name):
