@@ -44,6 +44,10 @@ test: unit book-strict student html-checks notebooks-other
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests -q --ignore=tests/html --ignore=tests/browser
 
+# chapters that `make test` executes at a time, each kernel on one thread; `make book`
+# executes them one at a time, so its execution table shows each chapter's own run time
+JOBS ?= $(shell nproc 2>/dev/null || echo 1)
+
 NBVAL := $(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=300 -p no:cacheprovider -q
 
 notebooks: $(STAMP)
@@ -54,9 +58,10 @@ notebooks: $(STAMP)
 notebooks-other: $(STAMP)
 	NNOPT_SEED=1 ATEN_CPU_CAPABILITY=$$($(BIN)/python -c "import torch; \
 	  print('avx2' if torch.backends.cpu.get_cpu_capability().lower().startswith('avx512') \
-	  else 'default')") $(NBVAL) chapters
+	  else 'default')") NNOPT_THREADS=1 $(NBVAL) -n $(JOBS) --dist loadfile chapters
 
 book-strict: $(STAMP) book-cache
+	$(BIN)/python tools/execute.py --jobs $(JOBS)
 	$(BIN)/jupyter-book build . --warningiserror --keep-going
 	@echo "The book: $(CURDIR)/_build/html/index.html"
 

@@ -5,9 +5,12 @@
 * Every page gets each script once (sphinx-thebe registers its configuration script twice
   under Jupyter Book, and the second ``const`` declaration is an error in the browser).
 * The theme's colour mode has a valid default ("auto": the reader's system setting).
+* The book's own styles (``static/nnopt.css``: the claims index fits the content column).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 # read again on every build, after the chapters (Sphinx reads documents in sorted order)
 ALWAYS_READ = ("reference/claims", "intro")
@@ -38,7 +41,13 @@ def _page_context(app, pagename, templatename, context, doctree):
     scripts[:] = unique
 
 
+def _add_static(app):
+    app.config.html_static_path.append(str(Path(__file__).parent / "static"))
+
+
 def setup(app):
+    app.connect("builder-inited", _add_static)
+    app.add_css_file("nnopt.css")
     app.connect("env-get-outdated", _always_outdated)
     app.connect("html-page-context", _page_context, priority=900)
     return {"parallel_read_safe": False, "parallel_write_safe": True}

@@ -231,3 +231,16 @@ def test_macro_subscripts_are_braced(path):
     text = "\n".join(source(c) for c in load(path)["cells"] if c["cell_type"] == "markdown")
     assert not UNBRACED_MACRO.findall(text), (
         f"{path.name}: brace these: {sorted(set(m.group(0) for m in UNBRACED_MACRO.finditer(text)))}")
+
+
+def test_parallel_execution_runs_every_chapter_of_the_toc():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("execute", ROOT / "tools" / "execute.py")
+    execute = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(execute)
+    expected = [ROOT / f"{f}.ipynb" for f in toc_files() if f.startswith("chapters/")]
+    assert execute.chapters() == expected
+    assert len(expected) == len(list((ROOT / "chapters").glob("*/*.ipynb")))
+    with pytest.raises(SystemExit):  # argparse: --jobs must be positive
+        execute.main(["--jobs", "0"])
