@@ -510,10 +510,9 @@ def fit_bezier(
 
     pa, pb = _check_pair(model_a, model_b)
     X, y = _check_data(data)
-    for name, v in (("steps", steps), ("ts_per_step", ts_per_step)):
-        if name == "steps" and isinstance(v, int) and not isinstance(v, bool) and v == 0:
-            continue
-        _check_positive_int(name, v)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    _check_positive_int("ts_per_step", ts_per_step)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not \
             math.isfinite(lr):
         raise ValueError(f"lr must be a positive number, got {lr!r}")

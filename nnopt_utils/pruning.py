@@ -409,6 +409,15 @@ def imp(build: Callable[[int], nn.Module], data, *, rounds: int, amount: float =
         Pruning rounds (>= 0) and the fraction of survivors pruned per round, in [0, 1).
     steps, rewind
         Training steps per round, and the rewind step :math:`k` (>= 0).
+    seeds
+        One ticket per seed, all trained together.
+    scope
+        ``'global'`` (all pruned tensors ranked together, as Frankle and Carbin for
+        small networks) or ``'layer'`` (each tensor loses ``amount``).
+    controls, control_seed
+        Controls trained next to the tickets, among :data:`CONTROLS`; the re-initialized
+        control of seed ``s`` is ``build(control_seed + s)``, the random masks of round
+        ``r`` come from seed ``control_seed + r``.
     kinds, bias
         Which tensors are pruned (:func:`prunable_names`): by default the weights of
         Linear and convolution layers, not the biases.

@@ -399,6 +399,8 @@ def test_mode_connectivity_bad_input():
                           "mse", metric="error")
     with pytest.raises(ValueError, match="ts_per_step must be a positive int, got 0"):
         landscape.fit_bezier(net, net, (X, y), ts_per_step=0)
+    with pytest.raises(ValueError, match="steps must be a non-negative int, got -1"):
+        landscape.fit_bezier(net, net, (X, y), steps=-1)
     with pytest.raises(ValueError, match="lr must be a positive number, got -1"):
         landscape.fit_bezier(net, net, (X, y), lr=-1)
     with pytest.raises(ValueError, match="model_a and model_b must have the same parameter"):
