@@ -1,6 +1,8 @@
 """The loss landscape seen through low-dimensional slices: the segment between two
 networks (Goodfellow, Vinyals and Saxe, 2015) and 2-D surfaces along filter-normalized
-random directions (Li et al., 2018).
+random directions (Li et al., 2018); and mode connectivity: the loss barrier on the segment
+(Entezari et al., 2022), trained Bezier curves that remove it (Garipov et al., 2018), and
+permutation alignment of hidden units by weight matching (Ainsworth et al., 2023).
 
 Every slice is evaluated in one batched pass: the parameters of each point are built
 inside a ``torch.func.vmap`` over the slice's coordinates and the model is run with
@@ -26,6 +28,12 @@ __all__ = [
     "Surface",
     "surface",
     "grid_axis",
+    "Barrier",
+    "barrier",
+    "BARRIER_METRICS",
+    "BezierCurve",
+    "fit_bezier",
+    "align",
 ]
 
 Direction = dict[str, torch.Tensor]
@@ -309,3 +317,355 @@ def surface(
     return Surface(
         xs, ys, losses.reshape(shape), None if accs is None else accs.reshape(shape)
     )
+
+
+# ---------------------------------------------------------------------------------------
+# mode connectivity: barriers, Bezier curves, permutation alignment
+
+BARRIER_METRICS = ("loss", "error")
+
+
+@dataclass
+class Barrier:
+    """The barrier along a segment: ``alphas`` (n,), ``loss`` (n,) and ``acc`` (n,) or
+    ``None`` at each point, the ``metric`` the barrier is measured on (``'loss'`` or
+    ``'error'``), its ``values`` (n,), the ``excess`` (n,) of each value over the straight
+    line between the endpoint values, the barrier ``height`` (the largest excess) and
+    ``argmax``, the coefficient where it is reached."""
+
+    alphas: torch.Tensor
+    loss: torch.Tensor
+    acc: torch.Tensor | None
+    metric: str
+    values: torch.Tensor
+    excess: torch.Tensor
+    height: float
+    argmax: float
+
+
+def barrier(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data,
+    alphas=21,
+    loss="cross_entropy",
+    *,
+    metric: str = "loss",
+    chunk_size: int | None = None,
+) -> Barrier:
+    r"""The loss barrier between two networks along the segment joining them, as defined by
+    Entezari, Sedghi, Saukh and Neyshabur (2022):
+
+    .. math:: B(\theta_a, \theta_b) = \max_{\alpha \in [0, 1]} \;
+              L\big((1-\alpha)\theta_a + \alpha\theta_b\big)
+              - \big((1-\alpha) L(\theta_a) + \alpha L(\theta_b)\big),
+
+    the largest rise of the loss above the straight line between the endpoint losses,
+    maximized over the grid ``alphas`` (an int ``n``: ``n`` equally spaced points on
+    ``[0, 1]``; or a sequence, to which 0 and 1 are added when missing). ``metric='error'``
+    measures the test error (1 - accuracy, classification only) instead: the "error
+    barrier height" of Frankle, Dziugaite, Roy and Carbin (2020), who subtract the mean of
+    the endpoint errors; against the straight line, as here, both agree when the endpoints
+    have equal error. The segment is evaluated by :func:`interpolate` (one ``vmap``); the
+    height is 0 when the curve stays below the line (the endpoints have zero excess).
+    """
+    if metric not in BARRIER_METRICS:
+        raise ValueError(
+            f"unknown metric {metric!r}; choose one of: {', '.join(BARRIER_METRICS)}"
+        )
+    if not (isinstance(alphas, int) and not isinstance(alphas, bool)):
+        grid = torch.as_tensor(alphas, dtype=torch.float64).reshape(-1)
+        if not ((grid >= 0) & (grid <= 1)).all():
+            raise ValueError(
+                f"alphas of a barrier must lie in [0, 1], got {grid.tolist()}"
+            )
+        alphas = torch.unique(torch.cat([grid, torch.tensor([0.0, 1.0], dtype=grid.dtype)]))
+    s = interpolate(model_a, model_b, data, alphas, loss, chunk_size=chunk_size)
+    if metric == "error":
+        if s.acc is None:
+            raise ValueError(
+                "metric='error' needs classification data (long targets, (N, C) outputs); "
+                "use metric='loss'"
+            )
+        values = 1 - s.acc
+    else:
+        values = s.loss
+    a = s.alphas
+    first, last = int(torch.argmin(a)), int(torch.argmax(a))
+    line = (1 - a) * values[first] + a * values[last]
+    excess = values - line
+    k = int(torch.argmax(excess))
+    return Barrier(a, s.loss, s.acc, metric, values, excess, float(excess[k]), float(a[k]))
+
+
+def _check_pair(model_a, model_b) -> tuple[dict, dict]:
+    pa, pb = _check_model(model_a, "model_a"), _check_model(model_b, "model_b")
+    if list(pa) != list(pb) or any(pa[n].shape != pb[n].shape for n in pa):
+        raise ValueError(
+            "model_a and model_b must have the same parameter names and shapes; "
+            f"got {[(n, tuple(p.shape)) for n, p in pa.items()]} and "
+            f"{[(n, tuple(p.shape)) for n, p in pb.items()]}"
+        )
+    return pa, pb
+
+
+def _check_positive_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
+@dataclass
+class BezierCurve:
+    r"""A quadratic Bezier curve between two networks (Garipov et al., 2018):
+    :math:`\phi(t) = (1-t)^2\,\theta_a + 2t(1-t)\,\theta_c + t^2\,\theta_b`, with the
+    endpoints ``start`` and ``end``, the trained ``control`` point (dicts keyed like
+    ``named_parameters()``), the ``model`` whose architecture and buffers evaluate it, and
+    ``history``: the training loss at every step (mean over the step's ``t``)."""
+
+    model: nn.Module
+    start: Direction
+    control: Direction
+    end: Direction
+    history: torch.Tensor
+
+    def params(self, t) -> Direction:
+        """The parameters :math:`\\phi(t)` for one coefficient ``t``."""
+        t = torch.as_tensor(t, dtype=next(iter(self.start.values())).dtype)
+        return {
+            n: (1 - t) ** 2 * self.start[n] + 2 * t * (1 - t) * self.control[n]
+            + t ** 2 * self.end[n]
+            for n in self.start
+        }
+
+    def evaluate(self, data, ts=21, loss="cross_entropy", *,
+                 chunk_size: int | None = None) -> Slice:
+        """Loss and accuracy along the curve: a :class:`Slice` whose ``alphas`` are the
+        curve coefficients ``ts`` (an int ``n``: ``n`` equally spaced on ``[0, 1]``, or a
+        1-D sequence), evaluated in one ``vmap`` as :func:`interpolate` does."""
+        X, y = _check_data(data)
+        dtype = next(iter(self.start.values())).dtype
+        if isinstance(ts, int) and not isinstance(ts, bool):
+            if ts < 2:
+                raise ValueError(f"ts must be an int >= 2 or a 1-D sequence, got {ts!r}")
+            ts = torch.arange(ts, dtype=dtype) / (ts - 1)
+        ts = torch.as_tensor(ts, dtype=dtype).to(X.device)
+        if ts.dim() != 1 or len(ts) == 0 or not torch.isfinite(ts).all():
+            raise ValueError(
+                f"ts must be a non-empty 1-D sequence of finite numbers, got shape "
+                f"{tuple(ts.shape)}"
+            )
+        losses, accs = _evaluate(self.model, self.params, ts, X, y, loss, chunk_size)
+        return Slice(ts, losses, accs)
+
+    def to_model(self, t) -> nn.Module:
+        """A copy of :attr:`model` with the parameters :math:`\\phi(t)`."""
+        import copy
+
+        out = copy.deepcopy(self.model)
+        point = self.params(t)
+        with torch.no_grad():
+            for n, p in out.named_parameters():
+                p.copy_(point[n])
+        return out
+
+
+def fit_bezier(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data,
+    *,
+    steps: int = 200,
+    lr: float = 0.01,
+    optimizer="adam",
+    batch_size: int | None = None,
+    ts_per_step: int = 1,
+    loss="cross_entropy",
+    seed: int = 0,
+) -> BezierCurve:
+    r"""Train the control point of a quadratic Bezier curve between two networks so that
+    the loss stays low all along it (Garipov, Izmailov, Podoprikhin, Vetrov and Wilson,
+    2018, "Loss surfaces, mode connectivity, and fast ensembling of DNNs"):
+
+    .. math:: \phi_\theta(t) = (1-t)^2\,\theta_a + 2t(1-t)\,\theta + t^2\,\theta_b,\qquad
+              \min_\theta\; \mathbb{E}_{t \sim U(0, 1)}\, L(\phi_\theta(t)).
+
+    The endpoints stay fixed; the control point starts at the midpoint
+    :math:`(\theta_a + \theta_b)/2` (the straight segment) and takes ``steps`` optimizer
+    steps, each on a fresh sample of ``ts_per_step`` values of :math:`t \sim U(0, 1)` (their
+    losses averaged, evaluated together by a ``vmap`` of
+    :func:`torch.func.functional_call`) and a mini-batch of ``batch_size`` samples (``None``:
+    the whole data set). ``optimizer``: a name from :data:`nnopt_utils.train.OPTIMIZERS`, a
+    class or a ``factory(params)``, as for :func:`~nnopt_utils.train.fit`. The ``t`` values
+    and batches come from :func:`~nnopt_utils.config.generator` ``(seed)``. The curve is
+    evaluated with ``model_a``'s buffers in eval mode (BatchNorm statistics are not
+    recomputed along the curve).
+
+    Returns a :class:`BezierCurve`; its :meth:`~BezierCurve.evaluate` gives the loss along
+    :math:`t`.
+    """
+    from torch.func import functional_call, vmap
+
+    from .train import _make_optimizer, batches, resolve_loss
+
+    pa, pb = _check_pair(model_a, model_b)
+    X, y = _check_data(data)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    _check_positive_int("ts_per_step", ts_per_step)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not \
+            math.isfinite(lr):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    lossfn = resolve_loss(loss)
+    dtype = next(iter(pa.values())).dtype
+    control = {n: ((pa[n] + pb[n]) / 2).clone().requires_grad_(True) for n in pa}
+    opt = _make_optimizer(optimizer, list(control.values()), lr, None, 0.0)
+    gen = generator(seed)
+    model = model_a
+
+    def one(t, xb, yb):
+        point = {
+            n: (1 - t) ** 2 * pa[n] + 2 * t * (1 - t) * control[n] + t ** 2 * pb[n]
+            for n in pa
+        }
+        return lossfn(functional_call(model, point, (xb,)), yb)
+
+    batched = vmap(one, in_dims=(0, None, None))
+    history = torch.empty(steps, dtype=dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        for k, idx in enumerate(
+            batches(len(X), batch_size, steps, seed=seed, device=X.device)
+        ):
+            xb, yb = (X, y) if idx is None else (X[idx], y[idx])
+            ts = torch.rand(ts_per_step, generator=gen, dtype=dtype).to(X.device)
+            value = batched(ts, xb, yb).mean()
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            history[k] = value.detach()
+    finally:
+        model.train(was_training)
+    return BezierCurve(
+        model=model_a,
+        start=dict(pa),
+        control={n: c.detach() for n, c in control.items()},
+        end=dict(pb),
+        history=history,
+    )
+
+
+def _mlp_layers(model: nn.Module, name: str) -> list[str]:
+    """The prefixes of the Linear layers of an MLP that weight matching can permute: an
+    ``nn.Sequential`` of ``nn.Linear`` layers and parameter-free elementwise activations."""
+    from .models import _Elementwise
+    from .train import _ELEMENTWISE_MODULES
+
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(
+            f"{name}: align supports MLPs (an nn.Sequential of nn.Linear layers and "
+            f"parameter-free elementwise activations), got {type(model).__name__}"
+        )
+    layers = []
+    for child, m in model.named_children():
+        if type(m) is nn.Linear:
+            layers.append(child)
+        elif isinstance(m, (_Elementwise, *_ELEMENTWISE_MODULES)) and not any(
+            True for _ in m.parameters()
+        ):
+            continue
+        else:
+            raise ValueError(
+                f"{name}: align supports nn.Linear layers and parameter-free elementwise "
+                f"activations only; layer {child!r} is {type(m).__name__}, which it "
+                "cannot permute (normalization layers, convolutions and other modules "
+                "are not supported)"
+            )
+    if any(True for _ in model.buffers()):
+        raise ValueError(f"{name}: align supports models without buffers")
+    if len(layers) < 2:
+        raise ValueError(f"{name}: align needs at least two Linear layers (one hidden layer)")
+    return layers
+
+
+def align(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    *,
+    seed: int = 0,
+    max_iter: int = 100,
+) -> nn.Module:
+    r"""Permute the hidden units of ``model_b`` to match ``model_a`` by weight matching
+    (Ainsworth, Hayase and Srinivasa, 2023, "Git Re-Basin", Algorithm 2), for MLPs.
+
+    Permuting the units of a hidden layer (rows of its weight and bias, columns of the next
+    weight) leaves the network's function unchanged. Weight matching looks for the
+    permutations :math:`P_1, \dots, P_{L-1}` of the hidden layers that maximize
+
+    .. math:: \sum_{l=1}^{L} \langle W_l^a,\; P_l W_l^b P_{l-1}^\top \rangle
+              + \langle b_l^a,\; P_l b_l^b \rangle \qquad (P_0 = P_L = I),
+
+    by coordinate ascent: with the others fixed, each :math:`P_l` is the solution of one
+    linear assignment problem (:func:`scipy.optimize.linear_sum_assignment`) with the
+    similarity :math:`W_l^a P_{l-1} W_l^{b\top} + b_l^a b_l^{b\top} + W_{l+1}^{a\top}
+    P_{l+1} W_{l+1}^b`. Layers are visited in a random order (NumPy generator seeded from
+    :func:`~nnopt_utils.config.derived_seed` ``(seed)``) in every sweep, until a sweep
+    changes no permutation (or after ``max_iter`` sweeps).
+
+    Only MLPs are supported: an ``nn.Sequential`` of ``nn.Linear`` layers and
+    parameter-free elementwise activations (normalization layers, convolutions and other
+    modules raise a ``ValueError`` naming them). Returns a permuted copy of ``model_b``
+    (``model_b`` is untouched); it computes the same function as ``model_b``.
+    """
+    import copy
+
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    from .config import derived_seed
+
+    pa, pb = _check_pair(model_a, model_b)
+    layers = _mlp_layers(model_a, "model_a")
+    _mlp_layers(model_b, "model_b")
+    _check_positive_int("max_iter", max_iter)
+    rng = np.random.default_rng(derived_seed(seed))
+    Wa = [pa[f"{l}.weight"].double().cpu() for l in layers]
+    Wb = [pb[f"{l}.weight"].double().cpu() for l in layers]
+    ba = [pa.get(f"{l}.bias") for l in layers]
+    bb = [pb.get(f"{l}.bias") for l in layers]
+    ba = [None if b is None else b.double().cpu() for b in ba]
+    bb = [None if b is None else b.double().cpu() for b in bb]
+    L = len(layers)
+    perms = [torch.arange(W.shape[0]) for W in Wb[:-1]]  # one per hidden layer
+
+    def similarity(l: int) -> torch.Tensor:
+        # hidden layer l (0-based) is the output of Linear l and the input of Linear l + 1
+        inp = Wb[l] if l == 0 else Wb[l][:, perms[l - 1]]  # columns permuted by P_{l-1}
+        S = Wa[l] @ inp.T
+        if ba[l] is not None and bb[l] is not None:
+            S = S + torch.outer(ba[l], bb[l])
+        nxt = Wb[l + 1] if l + 1 == L - 1 else Wb[l + 1][perms[l + 1]]  # rows by P_{l+1}
+        return S + Wa[l + 1].T @ nxt
+
+    for _ in range(max_iter):
+        changed = False
+        for l in rng.permutation(L - 1):
+            _, cols = linear_sum_assignment(similarity(int(l)).numpy(), maximize=True)
+            cols = torch.as_tensor(cols)
+            if not torch.equal(cols, perms[l]):
+                perms[l], changed = cols, True
+        if not changed:
+            break
+    out = copy.deepcopy(model_b)
+    with torch.no_grad():
+        for l, name in enumerate(layers):
+            lin = out.get_submodule(name)
+            W = lin.weight
+            if l < L - 1:  # rows: this layer's units
+                W.copy_(W[perms[l].to(W.device)])
+                if lin.bias is not None:
+                    lin.bias.copy_(lin.bias[perms[l].to(W.device)])
+            if l > 0:  # columns: the previous layer's units
+                W.copy_(W[:, perms[l - 1].to(W.device)])
+    return out

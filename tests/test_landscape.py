@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -226,3 +228,192 @@ def test_bad_input():
         landscape.surface(net, (X, y), (d, d), "fine")
     with pytest.raises(ValueError, match="grid ys must be a non-empty 1-D tensor"):
         landscape.surface(net, (X, y), (d, d), (torch.zeros(3), torch.zeros(2, 2)))
+
+
+# ---------------------------------------------------------------------------------------
+# mode connectivity
+
+
+@functools.lru_cache(maxsize=1)
+def _trained_pair():
+    """Two small nets trained from different seeds on a nonlinear problem: a high loss
+    barrier on the segment between them."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(120, 4, dtype=torch.float64, generator=g)
+    y = (X[:, 0] * X[:, 1] > 0).long() + (X[:, 2] > 0.5).long()
+    nets = []
+    for seed in (0, 1):
+        net = nu.mlp(4, [16, 16], 3, seed=seed).double()
+        nu.fit(net, (X, y), optimizer="momentum", lr=0.1, steps=150, progress=False)
+        nets.append(net)
+    return nets, (X, y)
+
+
+def test_barrier_is_the_largest_rise_above_the_line():
+    (a, b), (X, y) = _trained_pair()
+    r = landscape.barrier(a, b, (X, y), 11)
+    s = landscape.interpolate(a, b, (X, y), 11)
+    assert torch.equal(r.loss, s.loss) and torch.equal(r.alphas, s.alphas)
+    # the oracle, by hand: L(alpha) - ((1 - alpha) L(0) + alpha L(1)), maximized
+    line = (1 - s.alphas) * s.loss[0] + s.alphas * s.loss[-1]
+    k = int(torch.argmax(s.loss - line))
+    assert r.height == pytest.approx(float(s.loss[k] - line[k]), rel=1e-14)
+    assert r.argmax == float(s.alphas[k]) and 0 < k < 10 and r.height > 0
+    diff = {n: (q - p).detach() for (n, p), q in zip(a.named_parameters(), b.parameters())}
+    at_max = nu.train.evaluate(_moved(a, (r.argmax, diff)), X, y)["loss"]
+    assert float(r.loss[k]) == pytest.approx(at_max, rel=1e-12)
+    assert float(r.excess[0]) == 0 and abs(float(r.excess[-1])) < 1e-15
+    # a grid without the endpoints gets them
+    g = landscape.barrier(a, b, (X, y), [0.3, 0.5])
+    assert g.alphas.tolist() == [0, 0.3, 0.5, 1]
+    # the error barrier (Frankle et al., 2020) on 1 - accuracy
+    e = landscape.barrier(a, b, (X, y), 11, metric="error")
+    assert torch.equal(e.values, 1 - s.acc) and e.metric == "error"
+    # a model with itself: no barrier
+    assert landscape.barrier(a, a, (X, y), 5).height == 0
+
+
+def test_barrier_of_a_convex_problem_is_zero():
+    # linear regression: the loss is convex in the parameters, so the segment stays below
+    # the line between the endpoint losses
+    X, _ = _data()
+    Y = torch.randn(len(X), 2, dtype=torch.float64)
+    a = nn.Linear(4, 2).double()
+    b = nn.Linear(4, 2).double()
+    with torch.no_grad():
+        b.weight.mul_(-3)
+    r = landscape.barrier(a, b, (X, Y), 21, "mse")
+    assert r.height == 0 and r.argmax in (0, 1)
+    assert float(r.excess[1:-1].max()) < -1e-3
+
+
+def test_bezier_starts_as_the_segment_and_one_step_is_the_chain_rule():
+    X, y = _data()
+    a, b = _net(0), _net(1)
+    straight = landscape.fit_bezier(a, b, (X, y), steps=0)
+    for n, p in a.named_parameters():  # the control starts at the midpoint
+        assert torch.equal(straight.control[n], (p + dict(b.named_parameters())[n]) / 2)
+    ts = torch.tensor([0, 0.3, 0.5, 1], dtype=torch.float64)
+    # (1-t)^2 a + 2t(1-t)(a+b)/2 + t^2 b = (1-t) a + t b: the curve is the segment
+    assert torch.allclose(straight.evaluate((X, y), ts).loss,
+                          landscape.interpolate(a, b, (X, y), ts).loss, rtol=1e-12)
+    assert all(torch.equal(straight.params(0)[n], p) for n, p in a.named_parameters())
+    assert all(torch.equal(straight.params(1)[n], p) for n, p in b.named_parameters())
+    # one SGD step: d L(phi(t)) / d theta = 2t(1-t) grad L at phi(t), t the seed's first draw
+    curve = landscape.fit_bezier(a, b, (X, y), steps=1, lr=0.5, optimizer="sgd", seed=3)
+    t = torch.rand(1, generator=nu.generator(3), dtype=torch.float64)[0]
+    at_t = straight.to_model(t)
+    nn.functional.cross_entropy(at_t(X), y).backward()
+    for n, p in at_t.named_parameters():
+        want = straight.control[n] - 0.5 * 2 * t * (1 - t) * p.grad
+        assert torch.allclose(curve.control[n], want, rtol=1e-12, atol=1e-14)
+    assert float(curve.history[0]) == pytest.approx(
+        float(nn.functional.cross_entropy(straight.to_model(t)(X), y).detach()), rel=1e-12)
+    # seeded
+    again = landscape.fit_bezier(a, b, (X, y), steps=3, ts_per_step=2, seed=3, batch_size=8)
+    other = landscape.fit_bezier(a, b, (X, y), steps=3, ts_per_step=2, seed=4, batch_size=8)
+    same = landscape.fit_bezier(a, b, (X, y), steps=3, ts_per_step=2, seed=3, batch_size=8)
+    assert torch.equal(again.control["0.weight"], same.control["0.weight"])
+    assert not torch.equal(again.control["0.weight"], other.control["0.weight"])
+
+
+def test_trained_bezier_curve_removes_the_barrier_and_alignment_shrinks_it():
+    (a, b), data = _trained_pair()
+    linear = landscape.barrier(a, b, data, 21)
+    ends = float(max(linear.loss[0], linear.loss[-1]))
+    assert linear.height > 0.3 and linear.height > 3 * ends
+    curve = landscape.fit_bezier(a, b, data, steps=150, lr=0.01, ts_per_step=4)
+    along = curve.evaluate(data, 21)
+    assert torch.allclose(along.loss[[0, -1]], linear.loss[[0, -1]], rtol=1e-12)
+    assert float(along.loss.max()) < linear.height / 4
+    assert float(curve.history[-10:].mean()) < float(curve.history[:10].mean())
+    # weight matching: the same function as b, and a lower barrier to a
+    aligned = landscape.align(a, b)
+    X = data[0]
+    assert torch.allclose(aligned(X), b(X), rtol=1e-12, atol=1e-12)
+    assert landscape.barrier(a, aligned, data, 21).height < linear.height / 2
+
+
+def _permuted(model, seed):
+    """A copy of an MLP with its hidden units shuffled: the same function."""
+    import copy
+
+    g = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(model)
+    linears = [m for m in out if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        prev = None
+        for i, lin in enumerate(linears):
+            if prev is not None:
+                lin.weight.copy_(lin.weight[:, prev])
+            if i < len(linears) - 1:
+                prev = torch.randperm(lin.out_features, generator=g)
+                lin.weight.copy_(lin.weight[prev])
+                lin.bias.copy_(lin.bias[prev])
+    return out
+
+
+def test_align_recovers_a_permuted_copy_exactly():
+    X, _ = _data()
+    for seed in range(3):
+        a = nu.mlp(4, [12, 10, 8], 3, seed=seed).double()
+        b = _permuted(a, seed)
+        assert torch.allclose(b(X), a(X), rtol=1e-12, atol=1e-13)
+        assert not torch.equal(b[0].weight, a[0].weight)
+        before = [p.clone() for p in b.parameters()]
+        r = landscape.align(a, b, seed=seed)
+        assert all(torch.equal(p, q) for p, q in zip(r.parameters(), a.parameters()))
+        assert all(torch.equal(p, q) for p, q in zip(b.parameters(), before))  # untouched
+
+
+def test_align_one_hidden_layer_is_the_best_permutation():
+    # with one hidden layer weight matching is a single assignment problem: its answer is
+    # the best of all 5! permutations, found here by brute force
+    import itertools
+
+    X, _ = _data()
+    a, b = nu.mlp(4, [5], 3, seed=0).double(), nu.mlp(4, [5], 3, seed=1).double()
+    r = landscape.align(a, b)
+    assert torch.allclose(r(X), b(X), rtol=1e-12, atol=1e-13)
+
+    def score(W1, b1, W2):
+        with torch.no_grad():
+            return float((a[0].weight * W1).sum() + (a[0].bias * b1).sum()
+                         + (a[2].weight * W2).sum())
+
+    best = max(score(b[0].weight[list(p)], b[0].bias[list(p)], b[2].weight[:, list(p)])
+               for p in itertools.permutations(range(5)))
+    assert score(r[0].weight, r[0].bias, r[2].weight) == pytest.approx(best, rel=1e-12)
+    assert best > score(b[0].weight, b[0].bias, b[2].weight)
+
+
+def test_mode_connectivity_bad_input():
+    X, y = _data()
+    net = _net()
+    with pytest.raises(ValueError, match="unknown metric 'acc'; choose one of: loss, error"):
+        landscape.barrier(net, net, (X, y), metric="acc")
+    with pytest.raises(ValueError, match=r"alphas of a barrier must lie in \[0, 1\]"):
+        landscape.barrier(net, net, (X, y), [-0.5, 0.5])
+    with pytest.raises(ValueError, match="metric='error' needs classification data"):
+        landscape.barrier(net, net, (X, torch.randn(len(X), 3, dtype=torch.float64)), 3,
+                          "mse", metric="error")
+    with pytest.raises(ValueError, match="ts_per_step must be a positive int, got 0"):
+        landscape.fit_bezier(net, net, (X, y), ts_per_step=0)
+    with pytest.raises(ValueError, match="steps must be a non-negative int, got -1"):
+        landscape.fit_bezier(net, net, (X, y), steps=-1)
+    with pytest.raises(ValueError, match="lr must be a positive number, got -1"):
+        landscape.fit_bezier(net, net, (X, y), lr=-1)
+    with pytest.raises(ValueError, match="model_a and model_b must have the same parameter"):
+        landscape.fit_bezier(net, nu.mlp(4, [6], 3).double(), (X, y))
+    with pytest.raises(ValueError, match="ts must be an int >= 2 or a 1-D sequence, got 1"):
+        landscape.fit_bezier(net, net, (X, y), steps=0).evaluate((X, y), 1)
+    bn = nu.mlp(4, [6], 3, norm="batch")
+    with pytest.raises(ValueError, match="layer '1' is BatchNorm1d, which it cannot permute"):
+        landscape.align(bn, bn)
+    cnn = nu.small_cnn(1, 3, width=4)
+    with pytest.raises(ValueError, match="layer '0' is Conv2d"):
+        landscape.align(cnn, cnn)
+    with pytest.raises(ValueError, match="align supports MLPs .* got Linear"):
+        landscape.align(nn.Linear(2, 2), nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="max_iter must be a positive int, got 0"):
+        landscape.align(net, net, max_iter=0)

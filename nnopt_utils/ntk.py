@@ -1,0 +1,403 @@
+r"""The neural tangent kernel: empirical kernels of finite networks, the analytic kernel of
+infinitely wide ReLU networks, and linearized models.
+
+For a network :math:`f(x; \theta) \in \mathbb{R}^K` the empirical NTK (Jacot, Gabriel and
+Hongler, 2018) is the Gram matrix of its parameter Jacobians,
+
+.. math:: \Theta_{kk'}(x, x') = \sum_p \frac{\partial f_k(x)}{\partial \theta_p}
+          \frac{\partial f_{k'}(x')}{\partial \theta_p}.
+
+Gradient flow on the squared loss moves the outputs by :math:`\dot f = -\Theta\,(f - y)`;
+in the infinite-width limit of the NTK parametrization :math:`\Theta` is deterministic and
+constant in training, and the network trains as its first-order Taylor model
+(:func:`linearize`; Lee et al., 2019).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .config import generator
+
+__all__ = ["NTKLinear", "ntk_mlp", "empirical_ntk", "NTK_METHODS", "relu_ntk",
+           "Linearized", "linearize"]
+
+
+# ---------------------------------------------------------------------------------------
+# checks
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not any(True for _ in model.parameters()):
+        raise ValueError("model has no parameters")
+
+
+def _check_inputs(X, name: str) -> torch.Tensor:
+    if not isinstance(X, torch.Tensor) or X.dim() < 1 or len(X) == 0:
+        what = tuple(X.shape) if isinstance(X, torch.Tensor) else type(X).__name__
+        raise ValueError(f"{name} must be a tensor of inputs (N, ...) with N >= 1, got {what}")
+    return X
+
+
+def _check_real(name: str, v, *, positive: bool = False) -> float:
+    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and (
+        v > 0 if positive else v >= 0)
+    if not ok:
+        raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} "
+                         f"finite number, got {v!r}")
+    return float(v)
+
+
+def _positive_int(name: str, v) -> int:
+    if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return int(v)
+
+
+# ---------------------------------------------------------------------------------------
+# networks in the NTK parametrization
+
+class NTKLinear(nn.Linear):
+    r"""A Linear layer in the NTK parametrization (Jacot et al., 2018):
+    :math:`h = \frac{\sigma_w}{\sqrt{n_{in}}} W a + \sigma_b b` with :math:`W_{ij}, b_i \sim
+    \mathcal{N}(0, 1)`.
+
+    It computes the same functions as ``nn.Linear`` with weights
+    :math:`\mathcal{N}(0, \sigma_w^2/n_{in})`, but the gradient with respect to ``W`` is
+    scaled by :math:`\sigma_w/\sqrt{n_{in}}`, so the NTK has a finite limit as the width grows.
+    ``sigma_b = 0`` builds the layer without a bias.
+    """
+
+    def __init__(self, in_features: int, out_features: int, sigma_w: float = math.sqrt(2),
+                 sigma_b: float = 0.0, *, dtype=None, device=None):
+        _check_real("sigma_w", sigma_w, positive=True)
+        _check_real("sigma_b", sigma_b)
+        super().__init__(in_features, out_features, bias=sigma_b > 0, dtype=dtype,
+                         device=device)
+        self.weight_scale = float(sigma_w) / math.sqrt(in_features)
+        self.bias_scale = float(sigma_b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = None if self.bias is None else self.bias_scale * self.bias
+        return nn.functional.linear(x, self.weight_scale * self.weight, b)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, weight_scale={self.weight_scale:.4g}, "
+                f"bias_scale={self.bias_scale:.4g}")
+
+
+def ntk_mlp(in_dim: int, hidden: Sequence[int], out_dim: int, *, activation="relu",
+            sigma_w: float = math.sqrt(2), sigma_b: float = 0.0, seed: int = 0,
+            dtype=torch.float64) -> nn.Sequential:
+    r"""An MLP in the NTK parametrization: :class:`NTKLinear` layers (every weight and bias
+    drawn i.i.d. :math:`\mathcal{N}(0, 1)` from :func:`~nnopt_utils.config.generator`
+    ``(seed)``) with ``activation`` (any spec :func:`nnopt_utils.models.activation` accepts)
+    between them.
+
+    With ReLU and :math:`\sigma_w^2 = 2` its empirical NTK tends to :func:`relu_ntk` of the
+    same ``depth = len(hidden)``, ``sigma_w`` and ``sigma_b`` as every hidden width grows
+    (Jacot et al., 2018; Arora et al., 2019).
+    """
+    from .models import activation as make_activation
+
+    _positive_int("in_dim", in_dim)
+    _positive_int("out_dim", out_dim)
+    for h in hidden:
+        _positive_int("hidden width", h)
+    dims = [in_dim, *hidden, out_dim]
+    mods: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(dims[:-1], dims[1:])):
+        if i > 0:
+            mods.append(make_activation(activation))
+        mods.append(NTKLinear(n_in, n_out, sigma_w, sigma_b, dtype=dtype))
+    model = nn.Sequential(*mods)
+    gen = generator(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# the empirical NTK
+
+#: how :func:`empirical_ntk` computes the kernel
+NTK_METHODS = ("auto", "mlp", "jacobian")
+
+
+def _mlp_plan(model: nn.Module):
+    """``[(kind, module)]`` for a plain MLP -- an ``nn.Sequential`` of ``nn.Linear`` /
+    :class:`NTKLinear` layers and parameter-free elementwise activations whose parameters are
+    exactly those layers' -- or ``None`` for any other model."""
+    from .models import _Elementwise
+    from .train import _ELEMENTWISE_MODULES
+
+    if not isinstance(model, nn.Sequential) or any(True for _ in model.buffers()):
+        return None
+    plan = []
+    for m in model.children():
+        if type(m) in (nn.Linear, NTKLinear):
+            plan.append(("linear", m))
+        elif isinstance(m, (_Elementwise, *_ELEMENTWISE_MODULES)) and not any(
+                True for _ in m.parameters()):
+            plan.append(("act", m))
+        else:
+            return None
+    return plan if any(k == "linear" for k, _ in plan) else None
+
+
+def _mlp_ntk(plan, X1: torch.Tensor, X2: torch.Tensor | None, trace: bool) -> torch.Tensor:
+    r"""The NTK of a plain MLP from its layer structure, without per-sample Jacobians.
+
+    For a layer :math:`h = s_w W a + s_b b`, :math:`\partial f_k/\partial W = s_w \delta^k
+    a^\top` with :math:`\delta^k = \partial f_k / \partial h`, so its share of the kernel is
+    :math:`\langle \delta^k(x), \delta^{k'}(x') \rangle\,(s_w^2 \langle a(x), a(x')\rangle +
+    s_b^2)`. The :math:`\delta^k` of all samples and outputs come from one backward sweep of
+    the batch, starting from the identity at the output.
+    """
+    from torch.func import jvp
+
+    def sweep(X):
+        X = X.reshape(len(X), -1)
+        inputs, h = [], X
+        for kind, m in plan:  # forward: keep each module's input
+            inputs.append(h)
+            h = m(h)
+        K = h.shape[1]
+        cur = torch.eye(K, dtype=h.dtype, device=h.device).expand(len(X), K, K)
+        layers = []
+        for (kind, m), a in zip(reversed(plan), reversed(inputs)):
+            if kind == "linear":
+                sw = getattr(m, "weight_scale", 1.0)
+                sb = getattr(m, "bias_scale", 1.0) if m.bias is not None else 0.0
+                layers.append((cur, a, sw, sb))
+                cur = cur @ (sw * m.weight)
+            else:  # an elementwise activation: delta <- phi'(h) * delta
+                deriv = jvp(m, (a,), (torch.ones_like(a),))[1]
+                cur = cur * deriv.unsqueeze(1)
+        return layers
+
+    with torch.no_grad():
+        one = sweep(X1)
+        two = one if X2 is None else sweep(X2)
+        out = None
+        for (d1, a1, sw, sb), (d2, a2, _, _) in zip(one, two):
+            act = sw ** 2 * (a1 @ a2.T) + sb ** 2
+            if trace:
+                part = torch.einsum("ikn,jkn->ij", d1, d2) * act
+            else:
+                part = torch.einsum("ikn,jmn->ijkm", d1, d2) * act[:, :, None, None]
+            out = part if out is None else out + part
+    return out
+
+
+def _jacobian_ntk(model: nn.Module, X1: torch.Tensor, X2: torch.Tensor | None, trace: bool,
+                  chunk_size: int | None) -> torch.Tensor:
+    """The NTK by contraction of per-sample Jacobians: ``vmap(jacrev)`` of
+    ``functional_call``."""
+    from torch.func import functional_call, jacrev, vmap
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def f(p, x):
+        return functional_call(model, p, (x.unsqueeze(0),)).reshape(-1)
+
+    def jac(X):
+        J = vmap(jacrev(f), in_dims=(None, 0), chunk_size=chunk_size)(params, X)
+        return [j.flatten(2) for j in J.values()]  # each (N, K, P_layer)
+
+    with torch.no_grad():
+        J1 = jac(X1)
+        J2 = J1 if X2 is None else jac(X2)
+        eq = "ikp,jkp->ij" if trace else "ikp,jmp->ijkm"
+        return sum(torch.einsum(eq, a, b) for a, b in zip(J1, J2))
+
+
+def empirical_ntk(model: nn.Module, X1: torch.Tensor, X2: torch.Tensor | None = None, *,
+                  trace: bool = False, method: str = "auto",
+                  chunk_size: int | None = None) -> torch.Tensor:
+    r"""The empirical neural tangent kernel of ``model`` at its current parameters (Jacot,
+    Gabriel and Hongler, 2018):
+
+    .. math:: \Theta_{kk'}(x_i, x'_j) = \sum_p \frac{\partial f_k(x_i)}{\partial \theta_p}
+              \frac{\partial f_{k'}(x'_j)}{\partial \theta_p},
+
+    for every parameter of the model and every output :math:`k = 1, \dots, K` (the model's
+    output for one sample, flattened).
+
+    Parameters
+    ----------
+    model
+        Any ``nn.Module`` mapping a batch of inputs to a batch of outputs; it is evaluated in
+        eval mode with its own buffers, and left as it was.
+    X1, X2
+        Inputs of shape ``(N1, ...)`` and ``(N2, ...)``; ``X2=None`` means ``X2 = X1`` (and
+        reuses the Jacobians).
+    trace
+        ``False``: the full kernel, shape ``(N1, N2, K, K)``. ``True``: its trace over
+        outputs, :math:`\sum_k \Theta_{kk}(x_i, x'_j)`, shape ``(N1, N2)`` (for a network
+        whose outputs are independent in the wide limit, ``K`` times the per-output kernel).
+    method
+        ``'mlp'``: for a plain MLP (``nn.Sequential`` of ``nn.Linear`` or :class:`NTKLinear`
+        layers and parameter-free elementwise activations), the layer structure: for
+        :math:`h_l = s_w W_l a_{l-1} + s_b b_l`, :math:`\Theta = \sum_l
+        \langle\delta_l^k(x), \delta_l^{k'}(x')\rangle \odot (s_w^2\langle a_{l-1}(x),
+        a_{l-1}(x')\rangle + s_b^2)` with :math:`\delta_l^k = \partial f_k/\partial h_l`,
+        from one forward and one backward sweep of the batch (no per-sample Jacobian is
+        formed). ``'jacobian'``: any model, by contraction of the per-sample Jacobians
+        (``vmap(jacrev)`` of :func:`torch.func.functional_call`; memory ``N K P``).
+        ``'auto'``: ``'mlp'`` when the model qualifies, else ``'jacobian'``.
+    chunk_size
+        Samples per ``vmap`` chunk of the Jacobian path (``None``: all at once).
+
+    The kernel has the model's dtype; use a float64 model for exact comparisons.
+    """
+    _check_model(model)
+    X1 = _check_inputs(X1, "X1")
+    if X2 is not None:
+        X2 = _check_inputs(X2, "X2")
+        if X2.shape[1:] != X1.shape[1:]:
+            raise ValueError(f"X2 samples have shape {tuple(X2.shape[1:])}, X1 samples "
+                             f"{tuple(X1.shape[1:])}; they must match")
+    if method not in NTK_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(NTK_METHODS)}")
+    if not isinstance(trace, bool):
+        raise ValueError(f"trace must be True or False, got {trace!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(
+            chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    plan = _mlp_plan(model) if method != "jacobian" else None
+    if method == "mlp" and plan is None:
+        raise ValueError("method='mlp' needs a plain MLP: an nn.Sequential of nn.Linear or "
+                         "NTKLinear layers and parameter-free elementwise activations, got "
+                         f"{type(model).__name__}; use method='jacobian' or 'auto'")
+    was_training = model.training
+    model.eval()
+    try:
+        if plan is not None:
+            return _mlp_ntk(plan, X1, X2, trace)
+        return _jacobian_ntk(model, X1, X2, trace, chunk_size)
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------
+# the analytic kernel of infinitely wide ReLU networks
+
+def relu_ntk(X1: torch.Tensor, X2: torch.Tensor | None = None, depth: int = 1, *,
+             sigma_w: float = math.sqrt(2), sigma_b: float = 0.0) -> torch.Tensor:
+    r"""The infinite-width NTK of a ReLU MLP with ``depth`` hidden layers in the NTK
+    parametrization (Jacot, Gabriel and Hongler, 2018), by the arc-cosine recursion of
+    Arora et al. (2019), "On exact computation with an infinitely wide neural net".
+
+    The network is :func:`ntk_mlp`: :math:`h^1 = \frac{\sigma_w}{\sqrt{d}} W^1 x + \sigma_b
+    b^1`, :math:`h^{l+1} = \frac{\sigma_w}{\sqrt{n_l}} W^{l+1} \mathrm{relu}(h^l) + \sigma_b
+    b^{l+1}` for :math:`l = 1, \dots, L` (:math:`L` = ``depth``), every entry of every
+    :math:`W, b` i.i.d. :math:`\mathcal{N}(0, 1)`; ``sigma_b = 0`` is the network without
+    biases, and :math:`\sigma_w^2 = 2` (the default) keeps the pre-activation variance
+    constant across layers. With :math:`\Sigma^1(x, x') = \sigma_w^2\, x \cdot x'/d +
+    \sigma_b^2`, :math:`\rho` the correlation and :math:`\vartheta = \arccos\rho`:
+
+    .. math::
+        \Sigma^{l+1} = \frac{\sigma_w^2}{2\pi} \sqrt{\Sigma^l(x,x)\Sigma^l(x',x')}
+        \big(\sin\vartheta + (\pi - \vartheta)\cos\vartheta\big) + \sigma_b^2,\qquad
+        \dot\Sigma^{l+1} = \sigma_w^2\, \frac{\pi - \vartheta}{2\pi},
+
+        \Theta^1 = \Sigma^1,\qquad \Theta^{l+1} = \Theta^l\, \dot\Sigma^{l+1} + \Sigma^{l+1},
+
+    and the kernel of every output is :math:`\Theta^{L+1}` (outputs are independent: the
+    full kernel is :math:`\Theta^{L+1} \otimes I_K`). For ``depth=1``, no bias and
+    :math:`\sigma_w^2 = 2` this is :math:`\frac{2}{d}\big(x\cdot x'\,\kappa_0 + \|x\|\|x'\|
+    \kappa_1\big)` with :math:`\kappa_0 = (\pi - \vartheta)/\pi` and :math:`\kappa_1 =
+    (\sin\vartheta + (\pi-\vartheta)\cos\vartheta)/\pi`.
+
+    ``X1`` (N1, d), ``X2`` (N2, d) or ``None`` (``X1``); returns (N1, N2) in their dtype.
+    """
+    X1 = _check_inputs(X1, "X1")
+    X2 = X1 if X2 is None else _check_inputs(X2, "X2")
+    if X1.dim() != 2 or X2.dim() != 2 or X1.shape[1] != X2.shape[1]:
+        raise ValueError(f"X1 and X2 must be 2-D with the same number of columns, got "
+                         f"{tuple(X1.shape)} and {tuple(X2.shape)}")
+    if not isinstance(depth, numbers.Integral) or isinstance(depth, bool) or depth < 1:
+        raise ValueError(f"depth must be a positive int (hidden layers), got {depth!r}")
+    sw2 = _check_real("sigma_w", sigma_w, positive=True) ** 2
+    sb2 = _check_real("sigma_b", sigma_b) ** 2
+    d = X1.shape[1]
+    cross = sw2 * (X1 @ X2.T) / d + sb2
+    diag1 = sw2 * (X1 * X1).sum(1) / d + sb2
+    diag2 = sw2 * (X2 * X2).sum(1) / d + sb2
+    theta = cross
+    for _ in range(int(depth)):
+        norm = torch.sqrt(diag1[:, None] * diag2[None, :])
+        rho = torch.where(norm > 0, cross / torch.where(norm > 0, norm, 1), 0).clamp(-1, 1)
+        angle = torch.arccos(rho)
+        cross = sw2 / (2 * math.pi) * norm * (torch.sin(angle) + (math.pi - angle) * rho) + sb2
+        dot = sw2 * (math.pi - angle) / (2 * math.pi)
+        diag1, diag2 = sw2 / 2 * diag1 + sb2, sw2 / 2 * diag2 + sb2  # angle 0 on the diagonal
+        theta = theta * dot + cross
+    return theta
+
+
+# ---------------------------------------------------------------------------------------
+# linearized models
+
+class Linearized(nn.Module):
+    r"""The first-order Taylor model of a network around its parameters :math:`\theta_0`:
+
+    .. math:: f^{lin}(x; \delta) = f(x; \theta_0) + J_\theta f(x; \theta_0)\, \delta,
+
+    whose parameters are the offsets :math:`\delta` (one per parameter of the network, zero
+    at construction). The Jacobian-vector product is a :func:`torch.func.jvp` of
+    :func:`torch.func.functional_call`: one forward pass with tangents, never the Jacobian.
+    Build it with :func:`linearize`.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        base = copy.deepcopy(model).requires_grad_(False)
+        # held outside the module tree, so that parameters() are the offsets alone
+        self._base = (base,)
+        self.names = [n for n, _ in base.named_parameters()]
+        self.theta0 = {n: p.detach() for n, p in base.named_parameters()}
+        self.offsets = nn.ParameterList(
+            [nn.Parameter(torch.zeros_like(p)) for p in self.theta0.values()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.func import functional_call, jvp
+
+        def f(p):
+            return functional_call(self._base[0], p, (x,))
+
+        tangents = dict(zip(self.names, self.offsets))
+        out, change = jvp(f, (self.theta0,), (tangents,))
+        return out + change
+
+    def delta(self) -> dict[str, torch.Tensor]:
+        """The offsets :math:`\\delta`, keyed like the network's ``named_parameters()``."""
+        return {n: d.detach() for n, d in zip(self.names, self.offsets)}
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """The parameters :math:`\\theta_0 + \\delta` of the network the offsets point to."""
+        return {n: self.theta0[n] + d.detach() for n, d in zip(self.names, self.offsets)}
+
+
+def linearize(model: nn.Module) -> Linearized:
+    r"""The linearized model of ``model`` around its current parameters (Lee et al., 2019,
+    "Wide neural networks of any depth evolve as linear models under gradient descent"):
+    :math:`f^{lin}(x; \delta) = f(x; \theta_0) + J(x)\,\delta`, a :class:`Linearized` module
+    whose trainable parameters are the offsets :math:`\delta` (start: 0), so any torch
+    optimizer or :func:`~nnopt_utils.train.fit` trains it.
+
+    ``model`` is copied: later changes to it do not move :math:`\theta_0`. The copy runs in
+    the mode ``model`` had (call ``.eval()`` first for a model with dropout or BatchNorm) and
+    stays on its device and dtype.
+    """
+    _check_model(model)
+    return Linearized(model)
