@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-__all__ = ["Claims", "glue", "loglog_slope", "fmt", "claims_index", "CLAIMS_GLUE_KEY"]
+__all__ = ["Claims", "Table", "markdown_table", "glue", "loglog_slope", "fmt", "claims_index", "CLAIMS_GLUE_KEY"]
 
 #: the glue key under which ``Claims.table()`` publishes a chapter's records for the book's
 #: claims index (see :func:`claims_index`)
@@ -126,6 +126,37 @@ def _execution_count() -> int | None:
     return getattr(shell, "execution_count", None) if shell is not None else None
 
 
+def markdown_table(frame: "pd.DataFrame") -> str:
+    """``frame`` as a Markdown pipe table, every cell escaped (no markup, no math, no HTML)."""
+    def cell(value) -> str:
+        text = " ".join(str(value).split())
+        return re.sub(r"([\\`*_{}\[\]<>()#+!|$~^])", r"\\\1", text)
+
+    columns = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(cell(c) for c in columns) + " |",
+             "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
+              for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+class Table:
+    """A table that shows as HTML in the book and in notebooks, and as a Markdown table in
+    the PDF (which shows no HTML); ``data`` is the DataFrame."""
+
+    def __init__(self, data: "pd.DataFrame"):
+        self.data = data
+
+    def _repr_html_(self) -> str:
+        return self.data.style.hide(axis="index").format(escape="html").to_html()
+
+    def _repr_markdown_(self) -> str:
+        return markdown_table(self.data)
+
+    def __repr__(self) -> str:
+        return self.data.to_string(index=False)
+
+
 @dataclass
 class Claims:
     """The claims a chapter checks, in order; see the module docstring."""
@@ -152,8 +183,8 @@ class Claims:
                 return
             raise AssertionError(message)
 
-    def table(self):
-        """The "What this chapter verified" table as a pandas DataFrame.
+    def table(self) -> "Table":
+        """The "What this chapter verified" table (claim, measured, criterion, result).
 
         In a book build it also publishes the records (glue key :data:`CLAIMS_GLUE_KEY`, not
         displayed), from which the page "Every claim in this book" is built.
@@ -161,7 +192,7 @@ class Claims:
         import pandas as pd
 
         glue(CLAIMS_GLUE_KEY, json.dumps([asdict(r) for r in self.records]))
-        return pd.DataFrame(
+        return Table(pd.DataFrame(
             [
                 {
                     "claim": r.claim,
@@ -170,8 +201,9 @@ class Claims:
                     "result": "pass" if r.passed else "FAIL",
                 }
                 for r in self.records
-            ]
-        ).style.hide(axis="index").format(escape="html")
+            ],
+            columns=["claim", "measured", "criterion", "result"],
+        ))
 
     def __len__(self) -> int:
         return len(self.records)

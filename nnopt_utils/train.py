@@ -4,8 +4,9 @@
 an optional learning-rate schedule, periodic evaluation, and divergence detection -- a run
 whose loss becomes NaN or infinite stops and records the step instead of crashing.
 
-``sweep`` trains N copies of a small model at once (over seeds and any hyperparameter grid)
-with ``torch.func.functional_call`` + ``vmap``: one batched forward/backward per step instead
+``sweep`` trains N copies of a small model at once (over seeds and any hyperparameter grid):
+one batched forward pass of all copies per step (batched matrix products for a plain MLP,
+``torch.func.functional_call`` + ``vmap`` for any other model) and one backward pass, instead
 of N Python-level runs, and one step of the same :mod:`nnopt_utils.optim` optimizer ``fit``
 uses, on the stacked parameters with one hyperparameter value per copy. It gives the same
 numbers as N separate runs (unit tests pin this for every optimizer).
@@ -633,7 +634,7 @@ def sweep(
         As :func:`fit` (``data_seed`` is fit's ``seed``).
 
     """
-    from torch.func import stack_module_state, vmap
+    from torch.func import stack_module_state
 
     data = as_dataset(data)
     cls, fixed = _sweep_optimizer(optimizer, momentum)

@@ -98,3 +98,22 @@ def test_claims_index_reads_executed_chapters(tmp_path, as_book_build):
     assert index.anchor[0] == "the-rate-1-mu-l" and index.anchor[1] == ""
     with pytest.raises(FileNotFoundError, match="no executed chapters"):
         claims_index(tmp_path / "nothing")
+
+
+def test_markdown_table_escapes_every_cell():
+    import pandas as pd
+    from markdown_it import MarkdownIt
+
+    frame = pd.DataFrame({"claim": ["a | b, $x$ <i>y</i> *z*"], "value": ["{cite}`k` \\alpha"]})
+    text = nu.report.markdown_table(frame)
+    tokens = MarkdownIt("commonmark").enable("table").parse(text)
+    cells = [t for t in tokens if t.type == "inline"]
+    assert [c.content for c in cells][:2] == ["claim", "value"]
+    assert len(cells) == 4  # a pipe inside a cell does not split it
+    html = MarkdownIt("commonmark").enable("table").render(text)
+    assert "<i>" not in html and "<em>" not in html and "<code>" not in html
+    assert "a | b, $x$ &lt;i&gt;y&lt;/i&gt; *z*" in html
+    table = nu.report.Claims("t")
+    table.check("c", 1, True)
+    shown = table.table()
+    assert "<table" in shown._repr_html_() and shown._repr_markdown_().startswith("| claim |")
