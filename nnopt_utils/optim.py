@@ -23,7 +23,8 @@ hyperparameter may then be a tensor of N values, and per-tensor norms are taken 
 
 Papers: Polyak (1964), Nesterov (1983), Sutskever et al. (2013), Duchi et al. (2011),
 Tieleman and Hinton (2012), Kingma and Ba (2015), Reddi et al. (2018), Loshchilov and Hutter
-(2019), Luo et al. (2019), Bernstein et al. (2018), Chen et al. (2023), You et al. (2017, 2020).
+(2019), Luo et al. (2019), Bernstein et al. (2018), Chen et al. (2023), You et al. (2017, 2020),
+Jordan et al. (2024).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ __all__ = [
     "AdaBound",
     "SignSGD",
     "Lion",
+    "Muon",
+    "newton_schulz",
     "LARS",
     "LAMB",
     "OPTIMIZERS",
@@ -626,8 +629,134 @@ class Lion(Optimizer):
         m.lerp_(grad, 1 - b2)
 
 
+# ---------------------------------------------------------------------------------------
+# orthogonalized updates
+
+#: the quintic Newton-Schulz coefficients of Jordan et al. (2024)
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    r"""Approximate orthogonalization of ``G`` (``(..., m, n)``) by the quintic Newton-Schulz
+    iteration of Muon (Jordan et al., 2024).
+
+    With :math:`X_0 = G/(\lVert G\rVert_F + \epsilon)` (so every singular value is at most 1)
+    and :math:`(a, b, c) = (3.4445, -4.7750, 2.0315)`,
+
+    .. math:: X_{k+1} = a X_k + (b A_k + c A_k^2) X_k, \qquad A_k = X_k X_k^\top,
+
+    which maps each singular value :math:`\sigma` of :math:`X_k` to
+    :math:`p(\sigma) = a\sigma + b\sigma^3 + c\sigma^5` and keeps the singular vectors: the
+    result approximates :math:`UV^\top` for :math:`G = USV^\top`. The coefficients trade
+    exactness for speed: :math:`p'(0) = a` is large, so small singular values grow fast, and
+    :math:`p` maps :math:`[0.68, 1.14]` into itself instead of converging to 1; after five steps
+    every :math:`\sigma/\lVert G\rVert_F \ge 0.006` lands in that band. A tall ``G`` is
+    iterated transposed, so that :math:`A_k` is the smaller Gram matrix. Leading dimensions
+    are a batch (stacked copies). The reference implementation runs the iteration in
+    bfloat16 on GPUs; this one keeps ``G``'s dtype.
+    """
+    if not isinstance(G, torch.Tensor) or G.dim() < 2:
+        what = tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__
+        raise ValueError(f"G must be a tensor of at least 2 dimensions (..., m, n), got {what}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    a, b, c = NS_COEFFICIENTS
+    tall = G.size(-2) > G.size(-1)
+    X = G.mT if tall else G
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+class Muon(AdamW):
+    r"""Muon (Jordan et al., 2024): momentum, orthogonalized by Newton-Schulz, for matrices;
+    :class:`AdamW` for every other parameter, as the reference implementation
+    (``MuonWithAuxAdam``) does.
+
+    For a weight matrix :math:`W \in \mathbb{R}^{m\times n}` with gradient :math:`G_t`::
+
+        B_t = mu B_{t-1} + (1 - mu) G_t                    (momentum buffer, B_0 = 0)
+        U_t = (1 - mu) G_t + mu B_t    (nesterov=True),  else  U_t = B_t
+        W  <- (1 - lr * weight_decay) W - lr * sqrt(max(1, m/n)) * newton_schulz(U_t)
+
+    :func:`newton_schulz` sets every singular value of the update near 1, so the step has the
+    same size in every direction of the matrix, whatever the gradient's conditioning.
+
+    A parameter is a matrix when it has 2 dimensions or more (one more in a group of stacked
+    ``copies``, the first being the copy); a convolution's filters ``(out, in, *k)`` are
+    flattened to ``(out, in * prod(k))``. Every parameter group is split in two: its matrices
+    take the Muon step with ``lr``, everything else (biases, gains) an AdamW step with
+    ``adamw_lr``, ``betas``, ``eps`` and the same decoupled ``weight_decay``. So
+    ``param_groups`` holds groups flagged ``use_muon`` True or False, each with its own
+    ``lr``, and a learning-rate scheduler scales both. A group given with ``use_muon`` is not
+    split: ``use_muon=False`` makes it an AdamW group whose ``lr``, if given, is the AdamW
+    rate (the reference leaves embeddings and the output layer to AdamW this way).
+    Defaults are the reference's: ``lr=0.02``, ``momentum=0.95``, ``nesterov=True``, five
+    Newton-Schulz steps, and for AdamW ``adamw_lr=3e-4``, ``betas=(0.9, 0.95)``,
+    ``eps=1e-10``.
+    """
+
+    def __init__(self, params: Params, lr: float = 0.02, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = 5, weight_decay: float = 0.0,
+                 adamw_lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.95),
+                 eps: float = 1e-10) -> None:
+        _check_lr(lr)
+        _check_lr(adamw_lr)
+        _check_unit("momentum value", momentum)
+        _require(isinstance(ns_steps, int) and not isinstance(ns_steps, bool) and ns_steps >= 1,
+                 "ns_steps", ns_steps, "a positive int")
+        defaults = _adam_defaults(lr, betas, eps, weight_decay, adamw_lr=adamw_lr,
+                                  momentum=momentum, nesterov=bool(nesterov),
+                                  ns_steps=ns_steps, use_muon=None)
+        Optimizer.__init__(self, params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group, split into its matrices (Muon) and the rest (AdamW); see above."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        use = param_group.get("use_muon")
+        if use is None:
+            lead = 1 if param_group.get("copies") is not None else 0
+            parts = [(True, [p for p in params if p.dim() - lead >= 2]),
+                     (False, [p for p in params if p.dim() - lead < 2])]
+        else:
+            parts = [(bool(use), params)]
+        for use_muon, ps in parts:
+            if not ps and len(parts) > 1:
+                continue
+            group = {**param_group, "params": ps, "use_muon": use_muon}
+            if not use_muon and (use is None or "lr" not in param_group):
+                group["lr"] = param_group.get("adamw_lr", self.defaults["adamw_lr"])
+            super().add_param_group(group)
+
+    def init_state(self, state, group, p):
+        if group["use_muon"]:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        else:
+            super().init_state(state, group, p)
+
+    def step_param(self, state, group, grad, p):
+        if not group["use_muon"]:
+            super().step_param(state, group, grad, p)  # AdamW
+            return
+        mu, lr = self.hyper(group, "momentum", p), self.hyper(group, "lr", p)
+        buf = state["momentum_buffer"].lerp_(grad, 1 - mu)
+        update = grad.lerp(buf, mu) if group["nesterov"] else buf
+        lead = 1 if group.get("copies") is not None else 0
+        matrix = update.reshape(*update.shape[: lead + 1], -1)  # filters: (out, in * k)
+        rows, cols = matrix.shape[-2:]
+        ortho = newton_schulz(matrix, group["ns_steps"]).reshape(p.shape)
+        wd = self.hyper(group, "weight_decay", p)
+        if _any(wd):
+            p.mul_(1 - lr * wd)
+        _add_(p, ortho, -lr * max(1.0, rows / cols) ** 0.5)
+
+
 #: name -> class, for loops over all of them
 OPTIMIZERS: dict[str, type[Optimizer]] = {
     cls.__name__.lower(): cls
-    for cls in (SGD, AdaGrad, RMSProp, Adam, AMSGrad, AdamW, AdaBound, SignSGD, Lion, LARS, LAMB)
+    for cls in (SGD, AdaGrad, RMSProp, Adam, AMSGrad, AdamW, AdaBound, SignSGD, Lion, LARS, LAMB,
+                Muon)
 }

@@ -350,6 +350,7 @@ ALL = {
     "lion": lambda p: O.Lion(p, lr=1e-3, weight_decay=0.1),
     "lars": lambda p: O.LARS(p, lr=1.0, weight_decay=1e-3),
     "lamb": lambda p: O.LAMB(p, lr=0.01, weight_decay=0.01),
+    "muon": lambda p: O.Muon(p, lr=0.02, weight_decay=0.01, adamw_lr=0.01),
 }
 
 

@@ -291,6 +291,7 @@ GRIDS = {
     "lion": ({"weight_decay": 0.1}, {"lr": [1e-4, 1e-3], "betas": [(0.9, 0.99), (0.95, 0.98)]}),
     "lars": ({"trust_coefficient": 0.01}, {"lr": [0.1, 1.0], "weight_decay": [0.0, 1e-3]}),
     "lamb": ({}, {"lr": [1e-3, 1e-2], "weight_decay": [0.0, 0.01], "eps": [1e-6, 1e-4]}),
+    "muon": ({"adamw_lr": 1e-3}, {"lr": [0.01, 0.02], "momentum": [0.9, 0.95]}),
 }
 
 TORCH = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop,
