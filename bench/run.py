@@ -403,15 +403,17 @@ def case_surface(ctx) -> Case:
                 f"values equal the loss at those points (checked by evaluating them with "
                 f"`landscape.surface`).")
         if not r["met"]:
-            text += (f" Both sides run the same {GRID * GRID} forward passes of "
-                     f"{len(X)} inputs, so batching the grid points can only save "
-                     "Python overhead, which is small at this size.")
+            n = GRID * GRID
+            text += (f" Both sides run the same {n} forward passes of {len(X)} inputs: "
+                     f"{_fmt(r['ours_s'] / n)} per grid point for our batched evaluation (a "
+                     f"`vmap` of `functional_call` over the grid points) against "
+                     f"{_fmt(r['theirs_s'] / n)} for loss-landscapes' plain forward passes; "
+                     "at this size, on one thread, batching the grid costs time rather than "
+                     "saving it.")
             if chunked:
-                text += (f" With `chunk_size={SURFACE_CHUNK}` (grid points per batched "
-                         f"evaluation) ours takes {_fmt(chunked)} "
-                         f"({r['theirs_s'] / chunked:.2f}x); the default chunk, about 65,536 "
-                         f"sample evaluations ({65536 // len(X)} grid points here), batches "
-                         f"activations of {65536 // len(X)} x {len(X)} x 128 floats per layer.")
+                text += (f" With `chunk_size={SURFACE_CHUNK}` grid points per batch instead of "
+                         f"the default ({65536 // len(X)} here) ours takes {_fmt(chunked)} "
+                         f"({r['theirs_s'] / chunked:.2f}x).")
         return text
 
     return Case(
@@ -577,7 +579,9 @@ def machine() -> dict:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_average_1min": load,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "pyhessian": version("pyhessian"),
             "loss_landscapes": version("loss-landscapes")}
@@ -639,7 +643,9 @@ def performance_page(report: dict) -> str:
     lines += [
         "## The machine", "",
         f"- CPU: {m['cpu']} (PyTorch kernels: {m['cpu_capability']})",
-        f"- threads: {m['threads']}",
+        f"- threads: {m['threads']} of {m['cores']} cores; load average when the timings "
+        f"ended: {m['load_average_1min']:.1f} (the two sides run in turn, so both see "
+        "the same load on average)",
         f"- PyTorch {m['torch']}, Python {m['python']}, PyHessian {m['pyhessian']}, "
         f"loss-landscapes {m['loss_landscapes']}",
         f"- date of the run: {report['date']}", "",
