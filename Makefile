@@ -11,7 +11,7 @@ export NNOPT_QUIET := 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 .PHONY: book test unit notebooks notebooks-other book-strict book-cache html-checks robust \
-        test-installed test-browser student pdf venv clean
+        test-installed test-browser student pdf bench bench-quick venv clean
 
 venv: $(STAMP)
 
@@ -99,6 +99,21 @@ robust: $(STAMP)
 ## test-installed: the wheel installed into a fresh venv; unit tests and chapter 11 against it
 test-installed: $(STAMP)
 	PYTHON=$(PYTHON) bash tools/test_installed.sh
+
+# The benchmarks run on one thread, so that their timings mean the same on a busy machine.
+# The libraries they compare against are installed with --no-deps: pip must never touch torch.
+BENCH_ENV := NNOPT_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
+## bench: side-by-side benchmarks against PyHessian and loss-landscapes (checks, then
+## interleaved timings); writes bench/results.json and reference/performance.md
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps -r bench/requirements.txt
+	$(BENCH_ENV) $(BIN)/python bench/run.py
+
+## bench-quick: the benchmarks' correctness checks only, each case once (under a minute)
+bench-quick: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps -r bench/requirements.txt
+	$(BENCH_ENV) $(BIN)/python bench/run.py --quick
 
 clean:
 	rm -rf _build

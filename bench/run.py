@@ -1,0 +1,721 @@
+"""Side-by-side benchmarks: nnopt_utils against the libraries a reader would use instead
+(PyHessian 0.1, loss-landscapes 3.0.6, and plain torch loops).
+
+Every case first checks that both sides compute the same quantity, against a dense, exact or
+converged reference, and records the accuracy each side reached; then it times both sides,
+interleaved (ours, theirs, theirs, ours, ...), and reports medians of ``time.perf_counter``.
+
+    python bench/run.py            # checks, timings, bench/results.json, reference/performance.md
+    python bench/run.py --quick    # the checks only, each case once; exit status 1 on a mismatch
+
+The problem: an MLP 64-128-128-10 (ReLU, float32) trained briefly on 2,000 inputs: the 1,797
+scikit-learn digits (standardized) plus 203 of them drawn again (seeded) with Gaussian noise of
+standard deviation 0.1 added, so that the data are real images at the requested size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+for _var in ("NNOPT_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("NNOPT_QUIET", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import nnopt_utils as nu  # noqa: E402
+from nnopt_utils import hessian as hs  # noqa: E402
+from nnopt_utils import landscape as ls  # noqa: E402
+
+import shims  # noqa: E402
+
+THREADS = int(os.environ["NNOPT_THREADS"])
+torch.set_num_threads(THREADS)
+criterion = nn.functional.cross_entropy
+
+
+# --------------------------------------------------------------------------------------
+# the problem
+
+
+def problem(n: int = 2000, seed: int = 0):
+    """2,000 inputs of dimension 64 and an MLP 64-128-128-10 after 150 steps of SGD."""
+    ds = nu.data.digits(test_frac=0.0)
+    X, y = ds.X, ds.y
+    gen = nu.config.generator(seed)
+    idx = torch.randint(0, len(X), (n - len(X),), generator=gen)
+    X = torch.cat([X, X[idx] + 0.1 * torch.randn(len(idx), X.shape[1], generator=gen)])
+    y = torch.cat([y, y[idx]])
+    model = nu.mlp(64, [128, 128], 10, seed=seed)
+    nu.fit(model, (X, y), lr=0.1, steps=150, batch_size=128, seed=seed, progress=False)
+    model.eval()
+    with torch.no_grad():
+        out = model(X)
+        loss, acc = float(criterion(out, y)), float((out.argmax(1) == y).float().mean())
+    return model, X, y, {"train_loss": loss, "train_acc": acc}
+
+
+def as_float64(model, X):
+    return copy.deepcopy(model).double(), X.double()
+
+
+def flat(model, X, y):
+    return hs.flat_function(model, criterion, X, y)
+
+
+def pyhessian_for(model, X, y):
+    from pyhessian import hessian
+
+    model.zero_grad(set_to_none=True)  # PyHessian adds to any gradient already there
+    return hessian(model, criterion, data=(X, y), cuda=False)
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+# --------------------------------------------------------------------------------------
+# cases
+
+
+@dataclass
+class Case:
+    """One comparison: the two timed callables (and optional ``variants``, timed alongside
+    for context), the goal as a minimum speed-up (their time / our time), the correctness
+    ``checks`` (name -> passed), the ``accuracy`` each side reached against ``reference``, and
+    ``explain(result) -> str``, a note for the page written from the measured numbers."""
+
+    name: str
+    ours_label: str
+    theirs_label: str
+    goal: str
+    min_speedup: float
+    ours: Callable[[], object]
+    theirs: Callable[[], object]
+    reference: str = ""
+    accuracy: dict = field(default_factory=dict)
+    checks: dict = field(default_factory=dict)
+    variants: dict = field(default_factory=dict)
+    explain: Callable[[dict], str] = lambda r: ""
+
+
+def count_calls(module, name: str):
+    """Wrap ``module.name`` to count its calls; returns (counter dict, undo)."""
+    original = getattr(module, name)
+    counter = {"calls": 0}
+
+    def wrapped(*args, **kwargs):
+        counter["calls"] += 1
+        return original(*args, **kwargs)
+
+    setattr(module, name, wrapped)
+    return counter, lambda: setattr(module, name, original)
+
+
+# the top eigenvalue: both sides set to reach the same relative accuracy (EIG_TARGET) against
+# a converged float64 Lanczos. PyHessian's power iteration needs a tighter stopping tolerance
+# than its default 1e-3 to get there: its test (the relative change between two iterates)
+# stops while the error is still about 3x the tolerance here, because the top eigenvalues
+# lie close together. Our tolerance bounds the residual, and the eigenvalue error is far
+# smaller (residual^2 / gap).
+EIG_TARGET = 1e-3
+OURS_EIG_TOL = 1e-2
+THEIRS_EIG_TOL = 1e-4
+
+
+def _hvp_cost_note(r: dict) -> str:
+    return ("Each of our Hessian-vector products runs forward-over-reverse from the start "
+            "(a forward and a backward pass, differentiated forward), while PyHessian builds "
+            "the gradient's graph once and differentiates through it again for each product; "
+            "see the Hessian-vector product row for what one product costs each way.")
+
+
+def case_eigenvalue(ctx) -> Case:
+    import pyhessian  # noqa: F401 (its package attribute `hessian` is the class, not the module)
+
+    ph = sys.modules["pyhessian.hessian"]
+    model, X, y = ctx["model"], ctx["X"], ctx["y"]
+    m64, X64 = as_float64(model, X)
+    ref = hs.lanczos(*flat(m64, X64, y), 1, tol=1e-10, iters=400)
+    lam = float(ref.eigenvalues[0])
+
+    def ours():
+        return hs.top_eigenvalue(*flat(model, X, y), tol=OURS_EIG_TOL)
+
+    def theirs():
+        torch.manual_seed(0)
+        with shims.quiet():
+            h = pyhessian_for(model, X, y)
+            value = h.eigenvalues(tol=THEIRS_EIG_TOL)[0][0]
+        model.zero_grad(set_to_none=True)
+        return value
+
+    ours_run = hs.lanczos(*flat(model, X, y), 1, tol=OURS_EIG_TOL)
+    eo = rel(float(ours_run.eigenvalues[0]), lam)
+    counter, undo = count_calls(ph, "hessian_vector_product")
+    try:
+        et = rel(theirs(), lam)
+    finally:
+        undo()
+    products = {"ours": ours_run.iterations, "theirs": counter["calls"]}
+
+    def explain(r):
+        text = (f"Tolerances: ours `tol={OURS_EIG_TOL:g}` (relative residual), PyHessian "
+                f"`tol={THEIRS_EIG_TOL:g}` (relative change; its default 1e-3 leaves an "
+                f"error above {EIG_TARGET:g} here). Lanczos used {products['ours']} "
+                f"Hessian-vector products, the power iteration {products['theirs']}.")
+        if not r["met"]:
+            text += " " + _hvp_cost_note(r)
+        return text
+
+    return Case(
+        "top Hessian eigenvalue", "`hessian.top_eigenvalue`", "PyHessian `eigenvalues()`",
+        f"same relative error (at most {EIG_TARGET:g}); 5x faster", 5.0, ours, theirs,
+        reference=f"Lanczos in float64 to a relative residual of 1e-10 "
+                  f"({ref.iterations} iterations)",
+        accuracy={"lambda_max": lam, "ours_rel_error": eo, "theirs_rel_error": et,
+                  "ours_products": products["ours"], "theirs_products": products["theirs"]},
+        checks={"reference converged": ref.converged, "ours within target": eo <= EIG_TARGET,
+                "theirs within target": et <= EIG_TARGET},
+        explain=explain)
+
+
+def case_trace(ctx) -> Case:
+    model, X, y = ctx["model"], ctx["X"], ctx["y"]
+    # exactness on a subproblem small enough for the definition sum_i e_i^T H e_i
+    small = nu.mlp(64, [16, 16], 10, seed=1).double()
+    Xs, ys = X[:200].double(), y[:200]
+    t_small = hs.exact_trace(small, Xs, ys)
+    t_def = hs.hvp_trace(*flat(small, Xs, ys))
+    m64, X64 = as_float64(model, X)
+    t64 = hs.exact_trace(m64, X64, y)
+
+    def ours():
+        return hs.exact_trace(model, X, y)
+
+    def theirs():
+        torch.manual_seed(0)
+        with shims.quiet():
+            samples = pyhessian_for(model, X, y).trace(maxIter=100, tol=0.0)  # all 100 probes
+        model.zero_grad(set_to_none=True)
+        return samples
+
+    t32 = ours()
+    samples = torch.tensor(theirs(), dtype=torch.float64)
+    mean, se = float(samples.mean()), float(samples.std()) / math.sqrt(len(samples))
+    z = abs(mean - t64) / se
+
+    def explain(r):
+        text = (f"PyHessian's estimate is {mean:.4g} with a standard error of {se:.2g} "
+                f"({100 * se / abs(mean):.1f}%) after {len(samples)} Rademacher probes "
+                f"(`trace(maxIter=100, tol=0)`: its default `tol=1e-3` on the change of the "
+                f"running mean stops after a handful of probes); the exact trace is "
+                f"{t64:.6g}, {z:.1f} standard errors away.")
+        if not r["met"]:
+            text += (" `exact_trace` costs one forward pass and one vector-Jacobian product "
+                     "per class (10 here, batched in one `vmap`); PyHessian's 100 probes are "
+                     "100 products through one cached gradient graph.")
+        return text
+
+    return Case(
+        "Hessian trace", "`hessian.exact_trace`", "PyHessian `trace()`, 100 probes",
+        "exact; 30x faster", 30.0, ours, theirs,
+        reference="the definition, the sum of `e_i^T H e_i` over all coordinates, on a "
+                  "64-16-16-10 net in float64; `exact_trace` in float64 on the benchmark net",
+        accuracy={"trace": t64, "ours_rel_error": rel(t32, t64),
+                  "ours_rel_error_small_net": rel(t_small, t_def),
+                  "theirs_rel_error": rel(mean, t64), "theirs_rel_stderr": se / abs(mean),
+                  "theirs_z": z},
+        checks={"ours exact on the small net": rel(t_small, t_def) <= 1e-10,
+                "ours float32 = float64": rel(t32, t64) <= 1e-4,
+                "theirs CI holds the trace": z <= 4.0},
+        explain=explain)
+
+
+DENSITY_STEPS, DENSITY_PROBES = 100, 1
+
+
+def _smoothed(nodes, weights, grid, sigma):
+    nodes = torch.as_tensor(nodes, dtype=torch.float64)
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    k = torch.exp(-0.5 * ((grid[:, None] - nodes[None]) / sigma) ** 2)
+    return (k * weights).sum(1) / (sigma * math.sqrt(2 * math.pi))
+
+
+def case_density(ctx) -> Case:
+    model, X, y = ctx["model"], ctx["X"], ctx["y"]
+    f, theta = flat(model, X, y)
+    P = theta.numel()
+    # the same start vector for both: ours draws it from generator(seed); PyHessian is handed
+    # the same vector through shims.start_vector (a check only; never while timing)
+    seed = 0
+    v = torch.randn(1, P, generator=nu.config.generator(seed))[0]
+    pieces = [c.view(p.shape) for c, p in
+              zip(torch.split(v, [p.numel() for p in model.parameters()]), model.parameters())]
+    ours_sd = hs.spectral_density(f, theta, steps=DENSITY_STEPS, probes=1, seed=seed)
+    with shims.quiet(), shims.legacy_eig(), shims.start_vector(pieces):
+        nodes_t, weights_t = pyhessian_for(model, X, y).density(iter=DENSITY_STEPS, n_v=1)
+    model.zero_grad(set_to_none=True)
+    nodes_o, weights_o = ours_sd.nodes[0], ours_sd.weights[0]
+    nodes_t = torch.tensor(nodes_t[0], dtype=torch.float64)
+    weights_t = torch.tensor(weights_t[0], dtype=torch.float64)
+    # the same grid and smoothing for both; L1 distance between the two densities (0 to 2)
+    lo, hi = float(nodes_o.min()), float(nodes_o.max())
+    sigma = 0.01 * (hi - lo)
+    grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, 4000, dtype=torch.float64)
+    d_o = _smoothed(nodes_o, weights_o, grid, sigma)
+    d_t = _smoothed(nodes_t, weights_t, grid, sigma)
+    l1 = float(torch.trapezoid((d_o - d_t).abs(), grid))
+    # the converged reference: Gauss quadrature with k nodes is exact for degree < 2k, so
+    # sum_j w_j tau_j^m = u^T H^m u (u = v / norm(v)), here computed by HVPs in float64
+    m64, X64 = as_float64(model, X)
+    f64, th64 = flat(m64, X64, y)
+    u = (v / v.norm()).double()
+    moments, w = [], u
+    for _ in range(4):
+        w = hs.hvp(f64, th64, w)
+        moments.append(float(u @ w))
+
+    def moment_error(nodes, weights):
+        return max(rel(float((weights * nodes ** m).sum()), moments[m - 1]) for m in (1, 2, 4))
+
+    err_o, err_t = moment_error(nodes_o, weights_o), moment_error(nodes_t, weights_t)
+
+    def ours():
+        return hs.spectral_density(*flat(model, X, y), steps=DENSITY_STEPS,
+                                   probes=DENSITY_PROBES)
+
+    def theirs():
+        with shims.quiet(), shims.legacy_eig():
+            out = pyhessian_for(model, X, y).density(iter=DENSITY_STEPS, n_v=DENSITY_PROBES)
+        model.zero_grad(set_to_none=True)
+        return out
+
+    def explain(r):
+        text = ("For the check both sides start Lanczos from the same vector, and their "
+                "smoothed densities (the same grid and Gaussian width) are compared. "
+                "PyHessian 0.1 calls `torch.eig`, removed in torch 2.0; the benchmark "
+                "supplies it (`bench/shims.py`).")
+        if not r["met"]:
+            text += (f" Both sides run {DENSITY_STEPS} Hessian-vector products. "
+                     + _hvp_cost_note(r))
+        return text
+
+    return Case(
+        "spectral density", "`hessian.spectral_density`", "PyHessian `density()`",
+        f"the same density ({DENSITY_STEPS} steps, {DENSITY_PROBES} probe); faster", 1.0, ours,
+        theirs,
+        reference="the quadrature's moments `u^T H^m u` (m = 1, 2, 4) from float64 "
+                  "Hessian-vector products, from the same start vector `u`",
+        accuracy={"L1_between_densities": l1, "ours_moment_rel_error": err_o,
+                  "theirs_moment_rel_error": err_t},
+        checks={"same density (L1 <= 0.05)": l1 <= 0.05, "ours moments": err_o <= 1e-3,
+                "theirs moments": err_t <= 1e-3},
+        explain=explain)
+
+
+GRID = 21
+SURFACE_CHUNK = 4
+
+
+def _their_directions(model, seed: int):
+    """Replay loss-landscapes' random_plane directions (the same global seed, the same calls),
+    as dicts keyed like named_parameters: its per-step directions."""
+    from loss_landscapes.model_interface.model_parameters import orthogonal_to, rand_u_like
+    from loss_landscapes.model_interface.model_wrapper import wrap_model
+
+    m = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    start = wrap_model(m).get_module_parameters()
+    d1 = rand_u_like(start)
+    d2 = orthogonal_to(d1)
+    d1.filter_normalize_(start)
+    d2.filter_normalize_(start)
+    for d in (d1, d2):  # as random_plane(distance=1, steps=GRID)
+        d.mul_((start.model_norm() / 1 / GRID) / d.model_norm())
+    names = [n for n, _ in model.named_parameters()]
+    return [{n: t.detach().clone() for n, t in zip(names, d.parameters)} for d in (d1, d2)]
+
+
+def case_surface(ctx) -> Case:
+    import loss_landscapes
+    from loss_landscapes.metrics import Loss
+
+    model, X, y = ctx["model"], ctx["X"], ctx["y"]
+    metric = Loss(criterion, X, y)
+    seed = 0
+
+    def theirs():
+        torch.manual_seed(seed)
+        return loss_landscapes.random_plane(model, metric, distance=1, steps=GRID,
+                                            normalization="filter", deepcopy_model=True)
+
+    dirs = [ls.filter_normalized_direction(model, seed=s) for s in (1, 2)]
+
+    def ours():
+        return ls.surface(model, (X, y), dirs, grid=GRID)
+
+    def ours_chunked():
+        return ls.surface(model, (X, y), dirs, grid=GRID, chunk_size=SURFACE_CHUNK)
+
+    theirs_grid = torch.tensor(theirs(), dtype=torch.float64)
+    # where loss-landscapes evaluates: row i lies i - GRID/2 steps along d1; along d2 the
+    # rows alternate between the offsets j - GRID/2 + 1 (even i) and j - GRID/2 (odd i).
+    # Our surface evaluates those same points with its own code.
+    e1, e2 = _their_directions(model, seed)
+    xs = torch.arange(GRID, dtype=torch.float32) - GRID / 2
+    ys = torch.arange(GRID + 1, dtype=torch.float32) - GRID / 2
+    on_theirs = ls.surface(model, (X, y), (e1, e2), grid=(xs, ys)).loss.double()
+    expect = torch.stack([on_theirs[i, 1:] if i % 2 == 0 else on_theirs[i, :-1]
+                          for i in range(GRID)])
+    same = float(((theirs_grid - expect).abs() / expect.abs()).max())
+    s = ours()
+    with torch.no_grad():
+        loss0 = float(criterion(model(X), y))
+    centre = float(s.loss[GRID // 2, GRID // 2])
+    nearest = float(theirs_grid[GRID // 2, GRID // 2])
+
+    def explain(r):
+        chunked = r["variants"].get(f"ours, chunk_size={SURFACE_CHUNK}")
+        text = (f"loss-landscapes' grid is not centred on the model: its rows lie at "
+                f"{-GRID / 2:g} to {GRID / 2 - 1:g} steps along the first direction, and "
+                f"along the second the even rows are shifted by one step against the odd ones, "
+                f"so with {GRID} points per axis the model itself is never evaluated (its "
+                f"middle value is {nearest:.4g} against the model's loss {loss0:.4g}). Its "
+                f"values equal the loss at those points (checked by evaluating them with "
+                f"`landscape.surface`).")
+        if not r["met"]:
+            n = GRID * GRID
+            text += (f" Both sides run the same {n} forward passes of {len(X)} inputs: "
+                     f"{_fmt(r['ours_s'] / n)} per grid point for our batched evaluation (a "
+                     f"`vmap` of `functional_call` over the grid points) against "
+                     f"{_fmt(r['theirs_s'] / n)} for loss-landscapes' plain forward passes; "
+                     "at this size, on one thread, batching the grid costs time rather than "
+                     "saving it.")
+            if chunked:
+                text += (f" With `chunk_size={SURFACE_CHUNK}` grid points per batch instead of "
+                         f"the default ({65536 // len(X)} here) ours takes {_fmt(chunked)} "
+                         f"({r['theirs_s'] / chunked:.2f}x).")
+        return text
+
+    return Case(
+        f"{GRID}x{GRID} loss surface", "`landscape.surface`", "`loss_landscapes.random_plane`",
+        "the model at the centre; 2x faster", 2.0, ours, theirs,
+        reference="the model's own loss at the centre; loss-landscapes' grid re-evaluated "
+                  "at the points where it evaluates",
+        accuracy={"model_loss": loss0, "ours_centre_rel_error": rel(centre, loss0),
+                  "theirs_values_rel_error": same, "theirs_middle_rel_error": rel(nearest, loss0)},
+        checks={"ours centre = model loss": rel(centre, loss0) <= 1e-6,
+                "theirs = loss at its points": same <= 1e-4},
+        variants={f"ours, chunk_size={SURFACE_CHUNK}": ours_chunked},
+        explain=explain)
+
+
+def case_hvp(ctx) -> Case:
+    model, X, y = ctx["model"], ctx["X"], ctx["y"]
+    f, theta = flat(model, X, y)
+    v = torch.randn(theta.shape, generator=nu.config.generator(3))
+    v = v / v.norm()  # a unit step h v stays clear of most ReLU kinks
+    params = list(model.parameters())
+    vs = [c.view(p.shape) for c, p in zip(torch.split(v, [p.numel() for p in params]), params)]
+    m64, X64 = as_float64(model, X)
+    f64, th64 = flat(m64, X64, y)
+    v64 = v.double()
+    hv64 = hs.hvp(f64, th64, v64)
+    # an independent reference: central differences of float64 gradients
+    g = torch.func.grad(f64)
+    h = 1e-6
+    fd = (g(th64 + h * v64) - g(th64 - h * v64)) / (2 * h)
+    fd_err = float((hv64 - fd).norm() / fd.norm())
+    ours_err = float((hs.hvp(f, theta, v).double() - hv64).norm() / hv64.norm())
+    grad64 = g(th64)
+
+    def ours():
+        return hs.hvp(f, theta, v)
+
+    def theirs():
+        return torch.autograd.grad(criterion(model(X), y), params)
+
+    def double_backward():
+        gr = torch.autograd.grad(criterion(model(X), y), params, create_graph=True)
+        return torch.autograd.grad(gr, params, grad_outputs=vs)
+
+    cached = torch.autograd.grad(criterion(model(X), y), params, create_graph=True)
+
+    def on_cached_graph():
+        return torch.autograd.grad(cached, params, grad_outputs=vs, retain_graph=True)
+
+    grad32 = torch.cat([t.reshape(-1) for t in theirs()]).double()
+    grad_err = float((grad32 - grad64).norm() / grad64.norm())
+    db_err = float((torch.cat([t.reshape(-1) for t in double_backward()]).double() - hv64).norm()
+                   / hv64.norm())
+
+    def explain(r):
+        var = r["variants"]
+        db, oc = var.get("double backward"), var.get("product on a cached graph")
+        text = "The speed-up here is a gradient's time over one Hessian-vector product's."
+        if db and oc:
+            text += (f" For comparison, the product by double backward (reverse-over-reverse, "
+                     f"the gradient's graph built each time) takes {_fmt(db)}, "
+                     f"{db / r['theirs_s']:.1f} gradients, and a product through a gradient "
+                     f"graph built once, as PyHessian does, {_fmt(oc)}, "
+                     f"{oc / r['theirs_s']:.1f} gradients.")
+        if not r["met"] and db:
+            text += (f" `hessian.hvp` (forward-over-reverse through `torch.func`) costs "
+                     f"{r['ours_s'] / r['theirs_s']:.1f} gradients here"
+                     + (f", more than double backward's {db / r['theirs_s']:.1f}."
+                        if db < r["ours_s"] else "."))
+        return text
+
+    return Case(
+        "Hessian-vector product", "`hessian.hvp`", "one gradient (`torch.autograd.grad`)",
+        "at most 2 gradients (speed-up 0.5)", 0.5, ours, theirs,
+        reference="the float64 product, itself checked against central differences of "
+                  "float64 gradients",
+        accuracy={"float64_hvp_vs_fd": fd_err, "ours_rel_error": ours_err,
+                  "gradient_rel_error": grad_err, "double_backward_rel_error": db_err},
+        checks={"float64 HVP = finite differences": fd_err <= 1e-6,
+                "ours = float64 HVP": ours_err <= 1e-4, "gradient = float64": grad_err <= 1e-4,
+                "double backward = float64 HVP": db_err <= 1e-4},
+        variants={"double backward": double_backward,
+                  "product on a cached graph": on_cached_graph},
+        explain=explain)
+
+
+SWEEP_N, SWEEP_STEPS, SWEEP_BATCH = 16, 100, 64
+
+
+def case_sweep(ctx) -> Case:
+    X, y = ctx["X"], ctx["y"]
+
+    def build(seed):
+        return nu.mlp(64, [32, 32], 10, seed=seed)
+
+    def ours():
+        return nu.sweep(build, (X, y), seeds=range(SWEEP_N), lr=0.1, steps=SWEEP_STEPS,
+                        batch_size=SWEEP_BATCH)
+
+    def theirs():
+        models = []
+        for s in range(SWEEP_N):
+            m = build(s)
+            nu.fit(m, (X, y), lr=0.1, steps=SWEEP_STEPS, batch_size=SWEEP_BATCH, seed=0,
+                   progress=False)
+            models.append(m)
+        return models
+
+    res, models = ours(), theirs()
+    err = 0.0
+    for i, m in enumerate(models):
+        for n, p in m.named_parameters():
+            err = max(err, float((res.params[n][i] - p.detach()).abs().max()
+                                 / p.detach().abs().max()))
+    return Case(
+        f"{SWEEP_N} small-MLP trainings", "`nu.sweep`", f"{SWEEP_N} runs of `nu.fit`",
+        "4x faster", 4.0, ours, theirs,
+        reference=f"the separate runs' final parameters (MLP 64-32-32-10, seeds 0 to "
+                  f"{SWEEP_N - 1}, {SWEEP_STEPS} SGD steps, batch {SWEEP_BATCH})",
+        accuracy={"max_rel_param_difference": err},
+        checks={"same final parameters": err <= 1e-4},
+        explain=lambda r: "Both sides train on the same mini-batches; the vectorized run "
+                          "matches every separate run to float32 rounding.")
+
+
+CASES = [case_eigenvalue, case_trace, case_density, case_surface, case_hvp, case_sweep]
+
+
+# --------------------------------------------------------------------------------------
+# timing and reports
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved(fns: list[Callable], reps: int) -> list[float]:
+    """Median seconds of ``reps`` runs of each callable, run in turn (forwards on even
+    repetitions, backwards on odd ones, so that no side always runs first)."""
+    times = [[] for _ in fns]
+    for r in range(reps):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            times[i].append(timed(fns[i]))
+    return [statistics.median(t) for t in times]
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def version(pkg):
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_average_1min": load,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "pyhessian": version("pyhessian"),
+            "loss_landscapes": version("loss-landscapes")}
+
+
+def _fmt(x: float) -> str:
+    if x >= 1:
+        return f"{x:.2f} s"
+    if x >= 1e-3:
+        return f"{x * 1e3:.1f} ms"
+    return f"{x * 1e6:.0f} µs"
+
+
+def _acc(acc: dict) -> str:
+    parts = []
+    for k, v in acc.items():
+        if isinstance(v, float):
+            parts.append(f"{k.replace('_', ' ')} {v:.2g}")
+        elif isinstance(v, int):
+            parts.append(f"{k.replace('_', ' ')} {v}")
+    return "; ".join(parts)
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| case | ours | theirs | speed-up | goal | met | accuracy |",
+            "|---|---|---|---|---|---|---|"]
+    for r in results:
+        rows.append(f"| {r['case']} | {r['ours']}: {_fmt(r['ours_s'])} | {r['theirs']}: "
+                    f"{_fmt(r['theirs_s'])} | {r['ratio']:.2f}x | {r['goal']} | "
+                    f"{'yes' if r['met'] else 'no'} | {_acc(r['accuracy'])} |")
+    return "\n".join(rows)
+
+
+def performance_page(report: dict) -> str:
+    m, p = report["machine"], report["problem"]
+    lines = [
+        "# Performance", "",
+        "How the library's implementations compare with what a reader would otherwise reach "
+        "for: PyHessian for Hessian eigenvalues, traces and spectral densities, "
+        "loss-landscapes for 2-D loss surfaces, and plain PyTorch for Hessian-vector "
+        "products and for training many small networks.", "",
+        "Every case first checks that both sides compute the same quantity, against a dense, "
+        "exact or converged reference, and records the accuracy each side reached. Then the "
+        f"two sides run in turn, {report['reps']} times each, and the table gives the median "
+        "times. The speed-up is the other side's time divided by ours: above 1, ours is "
+        "faster. A goal that is not met is reported as measured, with the reason below.", "",
+        "## The problem", "",
+        f"An MLP 64-128-128-10 ({p['parameters']} parameters, ReLU, float32) trained for 150 "
+        f"steps of SGD to a training loss of {p['train_loss']:.3f} (accuracy "
+        f"{p['train_acc']:.3f}), on {p['inputs']} inputs: the 1797 scikit-learn digits, "
+        "standardized, and 203 of them drawn again with Gaussian noise (standard deviation "
+        "0.1) added.", "",
+        "## Results", "",
+        table(report["results"]), "",
+        "## Case by case", "",
+    ]
+    for r in report["results"]:
+        lines += [f"**{r['case']}.** Reference: {r['reference']}. {r['note']}", ""]
+    lines += [
+        "## The machine", "",
+        f"- CPU: {m['cpu']} (PyTorch kernels: {m['cpu_capability']})",
+        f"- threads: {m['threads']} of {m['cores']} cores; load average when the timings "
+        f"ended: {m['load_average_1min']:.1f} (the two sides run in turn, so both see "
+        "the same load on average)",
+        f"- PyTorch {m['torch']}, Python {m['python']}, PyHessian {m['pyhessian']}, "
+        f"loss-landscapes {m['loss_landscapes']}",
+        f"- date of the run: {report['date']}", "",
+        "## Running it again", "",
+        "`make bench` installs the two libraries (`bench/requirements.txt`) into the "
+        "project's virtual environment, runs every case and rewrites `bench/results.json` and "
+        "this page. `make bench-quick` runs the correctness checks only.", "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="correctness checks only, once")
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per side")
+    ap.add_argument("--only", default=None, help="run only the cases whose name contains this")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    ap.add_argument("--page", default=str(ROOT / "reference" / "performance.md"))
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    model, X, y, stats = problem()
+    ctx = {"model": model, "X": X, "y": y}
+    results, failed = [], []
+    for make in CASES:
+        if args.only and args.only not in make.__name__:
+            continue
+        t0 = time.perf_counter()
+        case = make(ctx)
+        bad = [k for k, ok in case.checks.items() if not ok]
+        status = "ok" if not bad else "MISMATCH: " + ", ".join(bad)
+        print(f"{case.name}: {status} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        for k, v in case.accuracy.items():
+            print(f"    {k}: {v:.3g}" if isinstance(v, float) else f"    {k}: {v}")
+        if bad:
+            failed.append(case.name)
+        if args.quick:
+            continue
+        labels = list(case.variants)
+        ours_s, theirs_s, *var_s = interleaved(
+            [case.ours, case.theirs, *case.variants.values()], args.reps)
+        result = {"case": case.name, "ours": case.ours_label, "theirs": case.theirs_label,
+                  "ours_s": ours_s, "theirs_s": theirs_s, "ratio": theirs_s / ours_s,
+                  "ratio_means": "their time / our time", "goal": case.goal,
+                  "min_speedup": case.min_speedup,
+                  "met": bool(not bad and theirs_s / ours_s >= case.min_speedup),
+                  "variants": dict(zip(labels, var_s)), "checks": case.checks,
+                  "reference": case.reference, "accuracy": case.accuracy}
+        result["note"] = case.explain(result)
+        results.append(result)
+        print(f"    ours {_fmt(ours_s)}, theirs {_fmt(theirs_s)}, speed-up "
+              f"{theirs_s / ours_s:.2f}x" + "".join(f"; {k} {_fmt(t)}" for k, t in
+                                                      zip(labels, var_s)), flush=True)
+    elapsed = time.perf_counter() - t_start
+    if args.quick:
+        print(f"checks {'FAILED: ' + ', '.join(failed) if failed else 'passed'} "
+              f"in {elapsed:.0f} s")
+        return 1 if failed else 0
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "machine": machine(), "reps": args.reps, "seconds": elapsed,
+              "problem": {"model": "MLP 64-128-128-10, ReLU, float32", "inputs": len(X),
+                          "parameters": sum(p.numel() for p in model.parameters()), **stats},
+              "results": results}
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    if not args.only:
+        Path(args.page).write_text(performance_page(report))
+    print()
+    print(table(results))
+    print(f"\n{elapsed:.0f} s in all; wrote {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
