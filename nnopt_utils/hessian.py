@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from .config import generator
 
-__all__ = ["flat_function", "hvp", "dense_hessian", "finite_difference_gradient",
+__all__ = ["flat_function", "hvp", "hvp_operator", "dense_hessian", "finite_difference_gradient",
            "LanczosResult", "lanczos", "top_eigenvalue", "WHICH", "TraceEstimate",
            "hutchinson_trace", "hvp_trace", "exact_trace", "TRACE_METHODS",
            "SpectralDensity", "spectral_density"]
@@ -85,6 +85,32 @@ def hvp(loss_fn: Callable, params, v):
     g = grad(f, argnums=tuple(range(len(p))))
     _, out = jvp(g, tuple(t.detach() for t in p), tuple(t.detach() for t in vv))
     return out[0] if single else tuple(out)
+
+
+def hvp_operator(f: Flat, theta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The map ``v -> H v`` at ``theta`` for many products: the gradient's graph is built
+    once, and each product is one backward pass through it (reverse-over-reverse,
+    Pearlmutter, 1994), about the cost of one gradient where :func:`hvp` pays for a forward
+    and a backward pass every time. ``v`` is one vector ``(P,)`` or a batch ``(B, P)``
+    (the products of a batch in one call). :func:`lanczos`, :func:`hutchinson_trace`,
+    :func:`hvp_trace` and :func:`spectral_density` use it; the graph is freed with the
+    returned function."""
+    _check_flat(theta)
+    x = theta.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(f(x), x, create_graph=True)
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        if v.shape[-1:] != x.shape or v.dim() > 2:
+            raise ValueError(f"v must have shape ({x.numel()},) or (B, {x.numel()}), got "
+                             f"{tuple(v.shape)}")
+        if not g.requires_grad:  # f is linear in theta: H = 0
+            return torch.zeros_like(v)
+        (out,) = torch.autograd.grad(g, x, v.to(x), retain_graph=True,
+                                     is_grads_batched=v.dim() == 2)
+        return out
+
+    return apply
 
 
 def dense_hessian(f: Flat, theta: torch.Tensor) -> torch.Tensor:
@@ -194,13 +220,14 @@ def lanczos(f: Flat, theta: torch.Tensor, k: int = 1, *, which: str = "largest",
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
         raise ValueError(f"tol must be a positive number, got {tol!r}")
     theta = theta.detach()
+    H = hvp_operator(f, theta)
     q = torch.randn(theta.shape, generator=generator(seed), dtype=theta.dtype).to(theta.device)
     Q = torch.empty(iters, P, dtype=theta.dtype, device=theta.device)
     Q[0] = q / q.norm()
     alpha: list[float] = []
     beta: list[float] = []
     for j in range(iters):
-        w = hvp(f, theta, Q[j])
+        w = H(Q[j])
         alpha.append(float(Q[j] @ w))
         w = w - alpha[-1] * Q[j] - (beta[-1] * Q[j - 1] if j else 0.0)
         for _ in range(2):  # full reorthogonalization: "twice is enough"
@@ -300,7 +327,7 @@ def hutchinson_trace(
     E[v^\top H v] = \operatorname{tr} H` and :math:`\operatorname{Var}[v^\top H v] = 2
     \sum_{i \neq j} H_{ij}^2`, the smallest variance of any i.i.d. probe distribution
     (Gaussian probes add ``2 sum_i H_ii^2``). Probes are drawn ``block`` at a time (one
-    ``vmap`` of Hessian-vector products per block); after at least ``min_probes`` it
+    batch of Hessian-vector products per block, :func:`hvp_operator`); after at least ``min_probes`` it
     stops as soon as the standard error of the mean, ``std(samples) / sqrt(m)``, is at
     most ``rtol |estimate|``, and after ``max_probes`` in any case (then ``converged``
     is False and a ``RuntimeWarning`` says so). ``seed`` goes through
@@ -309,8 +336,6 @@ def hutchinson_trace(
     ``min_probes`` probes. A relative target cannot be met when the trace is 0 (a
     traceless ``H``): then all ``max_probes`` run and the warning says so.
     """
-    from torch.func import vmap
-
     _check_flat(theta)
     rtol = _check_positive("rtol", rtol)
     min_probes = _check_int("min_probes", min_probes, 2)
@@ -319,7 +344,7 @@ def hutchinson_trace(
     gen = generator(seed)
     theta = theta.detach()
     P = theta.numel()
-    batched = vmap(lambda v: hvp(f, theta, v))
+    batched = hvp_operator(f, theta)
     samples = torch.empty(0, dtype=torch.float64)
     while True:
         m = min(max(block, min_probes - len(samples)), max_probes - len(samples))
@@ -345,16 +370,14 @@ def hutchinson_trace(
 def hvp_trace(f: Flat, theta: torch.Tensor, *, chunk_size: int = 256) -> float:
     r"""The exact Hessian trace of any ``f``: :math:`\operatorname{tr} H = \sum_i
     e_i^\top H e_i`, from ``P`` Hessian-vector products with the coordinate vectors,
-    ``chunk_size`` of them per ``vmap`` (memory ``chunk_size * P``). The cost is ``P``
+    ``chunk_size`` of them per batch (memory ``chunk_size * P``). The cost is ``P``
     Hessian-vector products, so this suits small models; for networks
     :func:`exact_trace` is far cheaper."""
-    from torch.func import vmap
-
     _check_flat(theta)
     chunk_size = _check_int("chunk_size", chunk_size)
     theta = theta.detach()
     P = theta.numel()
-    batched = vmap(lambda v: hvp(f, theta, v))
+    batched = hvp_operator(f, theta)
     total = 0.0
     for start in range(0, P, chunk_size):
         idx = torch.arange(start, min(start + chunk_size, P), device=theta.device)
@@ -627,11 +650,9 @@ def spectral_density(
 
     ``grid``: a number of points (spanning the nodes plus ``5 sigma`` on each side) or a
     1-D tensor of points. ``sigma`` defaults to 1% of the span of the nodes. The probes
-    run together (one ``vmap`` of Hessian-vector products per step). ``seed`` goes
+    run together (one batch of Hessian-vector products per step). ``seed`` goes
     through :func:`nnopt_utils.config.generator`.
     """
-    from torch.func import vmap
-
     _check_flat(theta)
     P = theta.numel()
     steps = _check_int("steps", steps)
@@ -652,7 +673,7 @@ def spectral_density(
         _check_int("grid", grid, 2)
     theta = theta.detach()
     dtype, eps = theta.dtype, torch.finfo(theta.dtype).eps
-    batched = vmap(lambda v: hvp(f, theta, v))
+    batched = hvp_operator(f, theta)
     v = torch.randn(probes, P, generator=generator(seed), dtype=dtype).to(theta.device)
     Q = torch.zeros(steps, probes, P, dtype=dtype, device=theta.device)
     Q[0] = v / v.norm(dim=1, keepdim=True)

@@ -12,6 +12,7 @@ are evaluated in eval mode with their own buffers; only parameters move along a 
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -516,12 +517,20 @@ def fit_bezier(
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not \
             math.isfinite(lr):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(
+            "optimizer must be a name, an optimizer class or a factory(params) -> "
+            "Optimizer (the control point's parameters are made here), got an "
+            f"instance of {type(optimizer).__name__}"
+        )
     lossfn = resolve_loss(loss)
     dtype = next(iter(pa.values())).dtype
+    pa = {n: p.clone() for n, p in pa.items()}  # the curve keeps its own endpoints
+    pb = {n: p.clone() for n, p in pb.items()}
     control = {n: ((pa[n] + pb[n]) / 2).clone().requires_grad_(True) for n in pa}
     opt = _make_optimizer(optimizer, list(control.values()), lr, None, 0.0)
     gen = generator(seed)
-    model = model_a
+    model = copy.deepcopy(model_a)
 
     def one(t, xb, yb):
         point = {
@@ -548,7 +557,7 @@ def fit_bezier(
     finally:
         model.train(was_training)
     return BezierCurve(
-        model=model_a,
+        model=model,
         start=dict(pa),
         control={n: c.detach() for n, c in control.items()},
         end=dict(pb),
@@ -562,7 +571,8 @@ def _mlp_layers(model: nn.Module, name: str) -> list[str]:
     from .models import _Elementwise
     from .train import _ELEMENTWISE_MODULES
 
-    if not isinstance(model, nn.Sequential):
+    # a subclass of nn.Sequential may override forward (a skip connection): not an MLP
+    if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
         raise ValueError(
             f"{name}: align supports MLPs (an nn.Sequential of nn.Linear layers and "
             f"parameter-free elementwise activations), got {type(model).__name__}"

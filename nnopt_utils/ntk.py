@@ -139,7 +139,9 @@ def _mlp_plan(model: nn.Module):
     from .models import _Elementwise
     from .train import _ELEMENTWISE_MODULES
 
-    if not isinstance(model, nn.Sequential) or any(True for _ in model.buffers()):
+    # a subclass of nn.Sequential may override forward (a skip connection, a scale)
+    if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward \
+            or any(True for _ in model.buffers()):
         return None
     plan = []
     for m in model.children():
@@ -169,7 +171,7 @@ def _mlp_ntk(plan, X1: torch.Tensor, X2: torch.Tensor | None, trace: bool) -> to
         inputs, h = [], X
         for kind, m in plan:  # forward: keep each module's input
             inputs.append(h)
-            h = m(h)
+            h = m(h.clone()) if kind == "act" else m(h)  # an in-place activation keeps h
         K = h.shape[1]
         cur = torch.eye(K, dtype=h.dtype, device=h.device).expand(len(X), K, K)
         layers = []
@@ -180,7 +182,7 @@ def _mlp_ntk(plan, X1: torch.Tensor, X2: torch.Tensor | None, trace: bool) -> to
                 layers.append((cur, a, sw, sb))
                 cur = cur @ (sw * m.weight)
             else:  # an elementwise activation: delta <- phi'(h) * delta
-                deriv = jvp(m, (a,), (torch.ones_like(a),))[1]
+                deriv = jvp(m, (a.clone(),), (torch.ones_like(a),))[1]
                 cur = cur * deriv.unsqueeze(1)
         return layers
 
@@ -278,6 +280,13 @@ def empirical_ntk(model: nn.Module, X1: torch.Tensor, X2: torch.Tensor | None = 
         raise ValueError("method='mlp' needs a plain MLP: an nn.Sequential of nn.Linear or "
                          "NTKLinear layers and parameter-free elementwise activations, got "
                          f"{type(model).__name__}; use method='jacobian' or 'auto'")
+    flat = X1.dim() == 2 and (X2 is None or X2.dim() == 2)
+    if method == "mlp" and not flat:
+        raise ValueError(f"method='mlp' needs inputs of shape (N, d), got "
+                         f"{tuple(X1.shape)}{'' if X2 is None else ' and ' + str(tuple(X2.shape))}"
+                         f"; use method='jacobian' or 'auto'")
+    if not flat:  # nn.Linear acts on the last dimension of (N, ..., d): leave that to jacobian
+        plan = None
     was_training = model.training
     model.eval()
     try:

@@ -445,6 +445,8 @@ def imp(build: Callable[[int], nn.Module], data, *, rounds: int, amount: float =
     bad = [c for c in controls if c not in CONTROLS]
     if bad:
         raise ValueError(f"unknown controls {bad}; choose among: {', '.join(CONTROLS)}")
+    if len(set(controls)) < len(controls):
+        raise ValueError(f"controls must not repeat, got {controls!r}")
     taken = sorted({"seeds", "steps", "masks", "grid", "eval_every"} & set(train))
     if taken:
         raise ValueError(f"imp sets {', '.join(taken)} itself; pass the others "
@@ -488,21 +490,15 @@ def imp(build: Callable[[int], nn.Module], data, *, rounds: int, amount: float =
         if r > 0:
             final = {n: last.params[n][:S] for n in names}
             mask = magnitude_masks(final, amount, scope=scope, previous=mask, stacked=True)
-        starts, stacked_masks = list(rewound), None
-        if mask is not None:
-            parts = [mask]
-            if "reinit" in controls:
-                starts += reinit
-                parts.append(mask)
-            if "random" in controls:
-                starts += rewound
-                parts.append(random_masks(mask, seed=control_seed + r, stacked=True))
-            stacked_masks = {n: torch.cat([p[n] for p in parts]) for n in names}
-        else:
-            if "reinit" in controls:
-                starts += reinit
-            if "random" in controls:
-                starts += rewound
+        # the copies: the tickets, then each control in the order given (as ``variants``)
+        starts, parts = list(rewound), [mask]
+        for c in controls:
+            starts += reinit if c == "reinit" else rewound
+            if mask is not None:
+                parts.append(mask if c == "reinit" else
+                             random_masks(mask, seed=control_seed + r, stacked=True))
+        stacked_masks = None if mask is None else {
+            n: torch.cat([p[n] for p in parts]) for n in names}
         last = run(starts, steps, stacked_masks, offset=rewind)
         full = mask or {n: torch.ones_like(last.params[n][:S]) for n in names}
         masks_per_round.append({n: m.clone() for n, m in full.items()})

@@ -534,8 +534,10 @@ def _stacked_forward(base: nn.Module, params: dict[str, torch.Tensor]) -> Callab
 
     from .models import _Elementwise
 
-    plan, names = [], []
-    if isinstance(base, nn.Sequential):
+    plan, names = [], None
+    # a subclass of nn.Sequential may override forward (a skip connection): not a plain MLP
+    if isinstance(base, nn.Sequential) and type(base).forward is nn.Sequential.forward:
+        names = []
         for name, m in base.named_children():
             if type(m) is nn.Linear:
                 w, b = f"{name}.weight", (f"{name}.bias" if m.bias is not None else None)
@@ -548,7 +550,7 @@ def _stacked_forward(base: nn.Module, params: dict[str, torch.Tensor]) -> Callab
                 plan = None
                 break
     general = vmap(lambda p, x: functional_call(base, p, (x,)), in_dims=(0, None))
-    if plan is None or sorted(names) != sorted(params):
+    if plan is None or names is None or sorted(names) != sorted(params):
         return general
 
     def forward(p, x):

@@ -356,3 +356,18 @@ def test_trace_and_density_bad_input():
         hessian.spectral_density(f, theta, steps=4, sigma=-1.0)
     with pytest.raises(ValueError, match=r"grid must be an int >= 2 or a 1-D tensor"):
         hessian.spectral_density(f, theta, steps=4, grid=torch.zeros(3, 3))
+
+
+def test_hvp_operator_equals_dense_hessian_for_one_vector_and_a_batch():
+    (f, theta), *_ = _problem()
+    H = hessian.dense_hessian(f, theta)
+    op = hessian.hvp_operator(f, theta)
+    V = torch.randn(5, theta.numel(), generator=torch.Generator().manual_seed(1),
+                    dtype=theta.dtype)
+    torch.testing.assert_close(op(V[0]), H @ V[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op(V), V @ H, rtol=1e-10, atol=1e-12)  # H symmetric
+    torch.testing.assert_close(op(V[1]), hessian.hvp(f, theta, V[1]), rtol=1e-10, atol=1e-12)
+    linear = hessian.hvp_operator(lambda t: (2 * t).sum(), theta)  # H = 0
+    assert torch.equal(linear(V), torch.zeros_like(V))
+    with pytest.raises(ValueError, match=r"v must have shape \(\d+,\) or \(B, \d+\), got \(3,\)"):
+        op(torch.ones(3, dtype=theta.dtype))

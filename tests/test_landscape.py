@@ -417,3 +417,26 @@ def test_mode_connectivity_bad_input():
         landscape.align(nn.Linear(2, 2), nn.Linear(2, 2))
     with pytest.raises(ValueError, match="max_iter must be a positive int, got 0"):
         landscape.align(net, net, max_iter=0)
+
+
+class _Skip(nn.Sequential):  # same layers as an MLP, another function
+    def forward(self, x):
+        h = self[0](x)
+        return self[2](h + torch.relu(h))
+
+
+def test_fit_bezier_owns_its_curve_and_align_rejects_other_functions():
+    X, y = _data()
+    a, b = _net(0), _net(1)
+    curve = landscape.fit_bezier(a, b, (X, y), steps=2)
+    before = {n: p.clone() for n, p in curve.params(0.0).items()}
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(1.0)  # the caller changes model_a afterwards
+    assert all(torch.equal(curve.params(0.0)[n], p) for n, p in before.items())
+    with pytest.raises(ValueError, match="optimizer must be a name, an optimizer class or"):
+        landscape.fit_bezier(a, b, (X, y), steps=1,
+                             optimizer=torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1))
+    skip = [_Skip(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double() for _ in range(2)]
+    with pytest.raises(ValueError, match="align supports MLPs"):
+        landscape.align(*skip)

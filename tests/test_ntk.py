@@ -188,3 +188,28 @@ def test_bad_input():
         ntk.ntk_mlp(3, [0], 1)
     with pytest.raises(ValueError, match="model must be an nn.Module"):
         ntk.linearize(lambda x: x)
+
+
+class _Scaled(nn.Sequential):  # a subclass whose forward is not the layers' composition
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_fast_path_only_where_it_is_exact():
+    torch.manual_seed(0)
+    X = _inputs(5).double()
+    for act in (nn.ELU(inplace=True), nn.LeakyReLU(0.1, inplace=True), nn.SiLU(inplace=True)):
+        m = nn.Sequential(nn.Linear(3, 8), act, nn.Linear(8, 2)).double()
+        torch.testing.assert_close(ntk.empirical_ntk(m, X, method="mlp"),
+                                   ntk.empirical_ntk(m, X, method="jacobian"))
+    scaled = _Scaled(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    torch.testing.assert_close(ntk.empirical_ntk(scaled, X),
+                               ntk.empirical_ntk(scaled, X, method="jacobian"))
+    with pytest.raises(ValueError, match="method='mlp' needs a plain MLP"):
+        ntk.empirical_ntk(scaled, X, method="mlp")
+    plain = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    X3 = torch.randn(4, 2, 3, dtype=torch.float64)  # Linear acts on the last dimension
+    torch.testing.assert_close(ntk.empirical_ntk(plain, X3),
+                               ntk.empirical_ntk(plain, X3, method="jacobian"))
+    with pytest.raises(ValueError, match=r"inputs of shape \(N, d\), got \(4, 2, 3\)"):
+        ntk.empirical_ntk(plain, X3, method="mlp")

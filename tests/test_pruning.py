@@ -215,3 +215,16 @@ def test_bad_input():
         pruning.imp(_net, (X, y), rounds=1, eval_every=5)
     with pytest.raises(ValueError, match="seeds must be a non-empty sequence"):
         pruning.imp(_net, (X, y), rounds=1, seeds=[])
+
+
+def test_imp_names_each_control_in_the_order_given():
+    X, y = _data(40)
+    kw = dict(rounds=1, amount=0.5, steps=5, seeds=[0], lr=0.2)
+    one = pruning.imp(_net, (X, y), controls=("reinit", "random"), **kw)
+    two = pruning.imp(_net, (X, y), controls=("random", "reinit"), **kw)
+    for c in ("reinit", "random"):
+        assert torch.equal(one.metrics[c]["train_loss"], two.metrics[c]["train_loss"])
+    assert not torch.equal(one.metrics["reinit"]["train_loss"][1],
+                           one.metrics["random"]["train_loss"][1])
+    with pytest.raises(ValueError, match="controls must not repeat"):
+        pruning.imp(_net, (X, y), controls=("random", "random"), **kw)

@@ -425,3 +425,22 @@ def test_fit_takes_nnopt_classes_and_names():
     h3 = nu.fit(b(0), ds, loss="mse", optimizer=lambda p: O.Lion(p, lr=1e-3), steps=5)
     np.testing.assert_array_equal(h1["loss"], h2["loss"])
     np.testing.assert_array_equal(h1["loss"], h3["loss"])
+
+
+class _Skip(torch.nn.Sequential):  # the layers of an MLP, another function
+    def forward(self, x):
+        h = self[0](x)
+        return self[2](h + torch.relu(h))
+
+
+def test_sweep_trains_a_sequential_subclass_as_its_own_forward():
+    ds = nu.least_squares(32, 4, seed=0)
+    build = lambda s: _Skip(torch.nn.Linear(4, 8), torch.nn.ReLU(),  # noqa: E731
+                            torch.nn.Linear(8, 1)).double().requires_grad_()
+    torch.manual_seed(0)
+    res = nu.sweep(build, ds, seeds=(0,), lr=0.05, steps=5, loss="mse", eval_every=5)
+    torch.manual_seed(0)
+    single = build(0)
+    nu.fit(single, ds, lr=0.05, steps=5, loss="mse", progress=False)
+    for n, p in single.named_parameters():
+        torch.testing.assert_close(res.params[n][0], p.detach())
