@@ -57,8 +57,8 @@ def _check_data(data) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check_chunk(chunk_size, n_data: int) -> int:
-    if chunk_size is None:  # about 2^16 sample evaluations per chunk
-        return max(1, 65536 // max(n_data, 1))
+    if chunk_size is None:  # about 2^13 sample evaluations per chunk: larger batches of
+        return max(1, 8192 // max(n_data, 1))  # activations run slower on a CPU, not faster
     if (
         isinstance(chunk_size, bool)
         or not isinstance(chunk_size, int)
@@ -140,7 +140,7 @@ def interpolate(
     :class:`~nnopt_utils.data.Dataset` or an ``(X, y)`` pair; ``loss``: a name from
     :data:`nnopt_utils.train.LOSSES` or a callable. Every point is evaluated with
     ``model_a``'s buffers (BatchNorm statistics are not interpolated) in eval mode, all
-    in one ``vmap`` (``chunk_size`` points at a time; by default about ``65536 /
+    in one ``vmap`` (``chunk_size`` points at a time; by default about ``8192 /
     len(X)``).
     """
     pa, pb = _check_model(model_a, "model_a"), _check_model(model_b, "model_b")
@@ -267,7 +267,7 @@ def surface(
     1-D tensor used for both axes, or a pair ``(xs, ys)``. At ``(0, 0)`` the parameters
     are exactly ``theta`` (``theta + 0 d``), so the centre of the grid is the model's
     own loss. All grid points are evaluated in one ``vmap`` over the points
-    (``chunk_size`` at a time; by default about ``65536 / len(X)``), in eval mode.
+    (``chunk_size`` at a time; by default about ``8192 / len(X)``), in eval mode.
     """
     params = _check_model(model)
     X, y = _check_data(data)
