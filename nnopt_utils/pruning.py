@@ -413,7 +413,8 @@ def imp(build: Callable[[int], nn.Module], data, *, rounds: int, amount: float =
         One ticket per seed, all trained together.
     scope
         ``'global'`` (all pruned tensors ranked together, as Frankle and Carbin for
-        small networks) or ``'layer'`` (each tensor loses ``amount``).
+        VGG-19 and ResNet-18) or ``'layer'`` (each tensor loses ``amount``, as they prune
+        LeNet and the Conv-2/4/6 networks, there with the output layer at half the rate).
     controls, control_seed
         Controls trained next to the tickets, among :data:`CONTROLS`; the re-initialized
         control of seed ``s`` is ``build(control_seed + s)``, the random masks of round
