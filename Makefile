@@ -6,6 +6,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
+# chapters executed at a time by `make book` and `make test`, each kernel on one thread
+# (NNOPT_THREADS=1); JOBS=1 executes them one after another with all threads
+JOBS ?= $(shell nproc 2>/dev/null || echo 1)
+
 # Quiet progress bars in executed notebooks (figures use the kernel's inline backend).
 export NNOPT_QUIET := 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
@@ -26,8 +30,10 @@ $(STAMP): requirements.txt pyproject.toml
 CACHE     := _build/.jupyter_cache
 CACHE_KEY := $(shell cat nnopt_utils/*.py requirements.txt | sha256sum | cut -c1-16)-$(NNOPT_SCALE)-$(NNOPT_SEED)-$(ATEN_CPU_CAPABILITY)-$(NNOPT_DEVICE)
 
-## book: build the HTML book, executing every chapter (cached between builds)
+## book: build the HTML book, executing every chapter (cached between builds), JOBS
+## chapters at a time
 book: $(STAMP) book-cache
+	$(BIN)/python tools/execute.py --jobs $(JOBS)
 	$(BIN)/jupyter-book build . --warningiserror --keep-going
 	@echo "The book: $(CURDIR)/_build/html/index.html"
 
@@ -44,9 +50,6 @@ test: unit book-strict student html-checks notebooks-other
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests -q --ignore=tests/html --ignore=tests/browser
 
-# chapters that `make test` executes at a time, each kernel on one thread; `make book`
-# executes them one at a time, so its execution table shows each chapter's own run time
-JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 
 NBVAL := $(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=300 -p no:cacheprovider -q
 

@@ -1,8 +1,8 @@
 """Execute the book's chapters several at a time, into the execution cache the build reads.
 
 ``jupyter-book build`` executes chapters one after another. Run first, this script executes
-them ``--jobs`` at a time, each kernel on one thread (``NNOPT_THREADS=1`` unless the
-variable is set), and stores every executed chapter in ``_build/.jupyter_cache``; the build
+them ``--jobs`` at a time, each kernel on one thread when there are several
+(``NNOPT_THREADS=1`` unless the variable is set), and stores every executed chapter in ``_build/.jupyter_cache``; the build
 then finds each chapter there and only renders it. A chapter that fails here is not
 stored, so the build executes it once more and reports the failing cell with its traceback.
 Chapters already in the cache (same code) are skipped.
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyError:
             todo.append(path)
     print(f"executing {len(todo)} chapters, {args.jobs} at a time", flush=True)
-    os.environ.setdefault("NNOPT_THREADS", "1")  # the kernels inherit it
+    if args.jobs > 1:  # kernels side by side share the cores: one thread each
+        os.environ.setdefault("NNOPT_THREADS", "1")  # the kernels inherit it
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(_execute, path, args.timeout) for path in todo]
         for future in as_completed(futures):
