@@ -541,7 +541,198 @@ def case_sweep(ctx) -> Case:
                           "matches every separate run to float32 rounding.")
 
 
-CASES = [case_eigenvalue, case_trace, case_density, case_surface, case_hvp, case_sweep]
+# --------------------------------------------------------------------------------------
+# the neural tangent kernel and weight matching
+
+NTK_N, NTK_WIDTH, NTK_REF = 200, 256, 40
+
+
+def case_ntk(ctx) -> Case:
+    """The empirical NTK of an MLP against the torch.func tutorial's Jacobian contraction."""
+    from torch.func import functional_call, jacrev, vmap
+
+    from nnopt_utils import ntk
+
+    X = ctx["X"][:NTK_N]
+    net = nu.mlp(64, [NTK_WIDTH, NTK_WIDTH], 10, seed=1).eval()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def fnet_single(p, x):
+        return functional_call(net, p, (x.unsqueeze(0),)).squeeze(0)
+
+    # "Method 1: Jacobian contraction" of the torch.func NTK tutorial, as described there
+    def theirs():
+        jac1 = vmap(jacrev(fnet_single), (None, 0))(params, X)
+        jac1 = [j.flatten(2) for j in jac1.values()]
+        jac2 = jac1  # the kernel of X with itself
+        result = torch.stack([torch.einsum("Naf,Mbf->NMab", j1, j2)
+                              for j1, j2 in zip(jac1, jac2)])
+        return result.sum(0)
+
+    def ours():
+        return ntk.empirical_ntk(net, X)
+
+    # reference: the kernel of the first NTK_REF inputs in float64, by per-sample Jacobians
+    sub = X[:NTK_REF].double()
+    ref = ntk.empirical_ntk(copy.deepcopy(net).double(), sub, method="jacobian")
+    a, b = ours()[:NTK_REF, :NTK_REF].double(), theirs()[:NTK_REF, :NTK_REF].double()
+    eo = float((a - ref).norm() / ref.norm())
+    et = float((b - ref).norm() / ref.norm())
+    P = sum(p.numel() for p in params.values())
+    return Case(
+        f"empirical NTK, N = {NTK_N}, 10 outputs", "`ntk.empirical_ntk`",
+        "torch.func tutorial, Jacobian contraction (method 1)",
+        "the same kernel; 20x faster", 20.0, ours, theirs,
+        reference=f"the kernel of the first {NTK_REF} inputs in float64 (per-sample "
+                  f"Jacobians), MLP 64-{NTK_WIDTH}-"
+                  f"{NTK_WIDTH}-10 ({P} parameters), {NTK_N} digits",
+        accuracy={"ours_rel_error": eo, "theirs_rel_error": et},
+        checks={"ours = float64 kernel": eo <= 1e-5, "theirs = float64 kernel": et <= 1e-5},
+        explain=lambda r: (
+            "The tutorial's method materializes every per-sample Jacobian, N x 10 x P "
+            f"numbers ({NTK_N * 10 * P * 4 / 2**20:.0f} MiB here), and contracts them; "
+            "the MLP path of `empirical_ntk` uses the layer structure instead: per layer, "
+            "the Gram matrix of the backpropagated output vectors times the Gram matrix of "
+            "the layer's inputs, from one forward and one backward sweep of the batch."))
+
+
+RELU_N, RELU_DEPTH = 2000, 3
+
+
+def _numpy_relu_ntk(X, depth, sigma_w2=2.0, sigma_b2=0.0):
+    """The arc-cosine recursion of Arora et al. (2019), one NumPy step per layer."""
+    import numpy as np
+
+    d = X.shape[1]
+    sigma = sigma_w2 * (X @ X.T) / d + sigma_b2
+    theta = sigma.copy()
+    for _ in range(depth):
+        diag = np.sqrt(np.diag(sigma))
+        norm = np.outer(diag, diag)
+        rho = np.clip(sigma / norm, -1.0, 1.0)
+        np.fill_diagonal(rho, 1.0)  # a point with itself
+        angle = np.arccos(rho)
+        dot = sigma_w2 * (np.pi - angle) / (2 * np.pi)
+        sigma = sigma_w2 / (2 * np.pi) * norm * (np.sin(angle) + (np.pi - angle) * rho) \
+            + sigma_b2
+        theta = theta * dot + sigma
+    return theta
+
+
+def case_relu_ntk(ctx) -> Case:
+    from nnopt_utils import ntk
+
+    X = ctx["X"].double()[:RELU_N]
+    Xn = X.numpy()
+
+    def ours():
+        return ntk.relu_ntk(X, depth=RELU_DEPTH)
+
+    def theirs():
+        return _numpy_relu_ntk(Xn, RELU_DEPTH)
+
+    a, b = ours(), torch.from_numpy(theirs())
+    diff = float((a - b).abs().max() / b.abs().max())
+    # an independent check of both: the depth-1 closed form (2/d)(x.x' k0 + |x||x'| k1)
+    x = X[:50]
+    nrm = x.norm(dim=1)
+    cos = ((x @ x.T) / torch.outer(nrm, nrm)).clamp(-1, 1).fill_diagonal_(1.0)
+    ang = torch.arccos(cos)
+    closed = 2 / x.shape[1] * ((x @ x.T) * (math.pi - ang) / math.pi + torch.outer(nrm, nrm)
+                               * (torch.sin(ang) + (math.pi - ang) * cos) / math.pi)
+    d1 = float((ntk.relu_ntk(x, depth=1) - closed).abs().max() / closed.abs().max())
+    return Case(
+        f"analytic ReLU NTK, N = {RELU_N}, depth {RELU_DEPTH}", "`ntk.relu_ntk`",
+        "the same recursion in NumPy, one step per layer", "equal to 1e-10; faster", 1.0,
+        ours, theirs,
+        reference="the depth-1 closed form (2/d)(x.x' k0 + |x||x'| k1) for both, float64",
+        accuracy={"ours_vs_numpy_max_rel": diff, "depth1_closed_form_rel": d1},
+        checks={"equal to 1e-10": diff <= 1e-10, "depth 1 = closed form": d1 <= 1e-12},
+        explain=lambda r: (
+            "Both sides run the same elementwise recursion on N x N matrices, so neither "
+            "can be much faster than the other on one thread; the comparison checks that "
+            "the library's kernel is the textbook recursion to 1e-10."))
+
+
+ALIGN_WIDTH = 512
+
+
+def _reference_weight_matching(pa, pb, layers, seed=0, max_iter=100):
+    """Weight matching (Ainsworth, Hayase and Srinivasa, 2023, Algorithm 2) as their
+    reference code runs it: a dict of permutations, layers in a random order each sweep, one
+    linear assignment per hidden layer, until no permutation changes."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    rng = np.random.default_rng(seed)
+    n_hidden = len(layers) - 1
+    perms = [np.arange(pa[f"{layers[i]}.weight"].shape[0]) for i in range(n_hidden)]
+    A = {k: v.detach().double().numpy() for k, v in pa.items()}
+    B = {k: v.detach().double().numpy() for k, v in pb.items()}
+    for _ in range(max_iter):
+        changed = False
+        for i in rng.permutation(n_hidden):
+            w_in, w_out = layers[i], layers[i + 1]
+            prev = perms[i - 1] if i > 0 else None
+            nxt = perms[i + 1] if i + 1 < n_hidden else None
+            Wb_in = B[f"{w_in}.weight"] if prev is None else B[f"{w_in}.weight"][:, prev]
+            C = A[f"{w_in}.weight"] @ Wb_in.T + np.outer(A[f"{w_in}.bias"], B[f"{w_in}.bias"])
+            Wb_out = B[f"{w_out}.weight"] if nxt is None else B[f"{w_out}.weight"][nxt]
+            C += A[f"{w_out}.weight"].T @ Wb_out
+            _, col = linear_sum_assignment(C, maximize=True)
+            if not np.array_equal(col, perms[i]):
+                perms[i], changed = col, True
+        if not changed:
+            break
+    return perms
+
+
+def case_align(ctx) -> Case:
+    X, y = ctx["X"], ctx["y"]
+    nets = [nu.mlp(64, [ALIGN_WIDTH] * 3, 10, seed=s) for s in (0, 1)]
+    for m in nets:
+        nu.fit(m, (X, y), lr=0.05, steps=30, batch_size=256, seed=0, progress=False)
+    a, b = nets
+    pa = dict(a.named_parameters())
+    pb = dict(b.named_parameters())
+    layers = [n.rsplit(".", 1)[0] for n in pa if n.endswith(".weight")]
+
+    def ours():
+        return ls.align(a, b)
+
+    def theirs():
+        return _reference_weight_matching(pa, pb, layers)
+
+    aligned = ours()
+    perms = theirs()
+    with torch.no_grad():
+        same_fn = float((aligned(X) - b(X)).abs().max() / b(X).abs().max())
+    # the permutation ours applied, read off the aligned copy's rows
+    pal = dict(aligned.named_parameters())
+    same_perm = True
+    for i, w in enumerate(layers[:-1]):
+        Wb, Wal = pb[f"{w}.weight"].detach(), pal[f"{w}.weight"].detach()
+        if i > 0:
+            Wb = Wb[:, torch.as_tensor(perms[i - 1])]
+        same_perm &= bool(torch.equal(Wal, Wb[torch.as_tensor(perms[i])]))
+    return Case(
+        f"weight matching, 3 hidden layers of {ALIGN_WIDTH}", "`landscape.align`",
+        "the reference algorithm (layers in random order, `linear_sum_assignment`)",
+        "the same permutation; no slower", 1.0, ours, theirs,
+        reference="the aligned network computes the same function as model_b",
+        accuracy={"aligned_vs_b_max_rel": same_fn, "same_permutation": same_perm},
+        checks={"same function": same_fn <= 1e-5},
+        explain=lambda r: (
+            "Both sides solve the same linear assignment problems; "
+            + ("they reach the same permutation. " if same_perm else
+               "they visit the layers in different random orders and reach different "
+               "fixed points of the alternation (weight matching is a heuristic); both "
+               "permute model_b without changing its function. ")
+            + "The time is dominated by `linear_sum_assignment` on 512 x 512 matrices."))
+
+
+CASES = [case_eigenvalue, case_trace, case_density, case_surface, case_hvp, case_sweep,
+         case_ntk, case_relu_ntk, case_align]
 
 
 # --------------------------------------------------------------------------------------

@@ -330,6 +330,7 @@ def relu_ntk(X1: torch.Tensor, X2: torch.Tensor | None = None, depth: int = 1, *
     ``X1`` (N1, d), ``X2`` (N2, d) or ``None`` (``X1``); returns (N1, N2) in their dtype.
     """
     X1 = _check_inputs(X1, "X1")
+    same = X2 is None or X2 is X1
     X2 = X1 if X2 is None else _check_inputs(X2, "X2")
     if X1.dim() != 2 or X2.dim() != 2 or X1.shape[1] != X2.shape[1]:
         raise ValueError(f"X1 and X2 must be 2-D with the same number of columns, got "
@@ -346,6 +347,8 @@ def relu_ntk(X1: torch.Tensor, X2: torch.Tensor | None = None, depth: int = 1, *
     for _ in range(int(depth)):
         norm = torch.sqrt(diag1[:, None] * diag2[None, :])
         rho = torch.where(norm > 0, cross / torch.where(norm > 0, norm, 1), 0).clamp(-1, 1)
+        if same:  # a point with itself: exactly 1, where arccos would turn the rounding
+            rho.diagonal().copy_((diag1 > 0).to(rho.dtype))  # of 1 - eps into 1e-8
         angle = torch.arccos(rho)
         cross = sw2 / (2 * math.pi) * norm * (torch.sin(angle) + (math.pi - angle) * rho) + sb2
         dot = sw2 * (math.pi - angle) / (2 * math.pi)
