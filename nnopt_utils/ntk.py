@@ -346,14 +346,18 @@ def relu_ntk(X1: torch.Tensor, X2: torch.Tensor | None = None, depth: int = 1, *
     theta = cross
     for _ in range(int(depth)):
         norm = torch.sqrt(diag1[:, None] * diag2[None, :])
-        rho = torch.where(norm > 0, cross / torch.where(norm > 0, norm, 1), 0).clamp(-1, 1)
+        if bool((diag1 > 0).all()) and bool((diag2 > 0).all()):
+            rho = (cross / norm).clamp_(-1, 1)
+        else:  # a zero input: correlation 0 by convention (its kernel row is sigma_b^2)
+            rho = torch.where(norm > 0, cross / torch.where(norm > 0, norm, 1), 0).clamp(-1, 1)
         if same:  # a point with itself: exactly 1, where arccos would turn the rounding
             rho.diagonal().copy_((diag1 > 0).to(rho.dtype))  # of 1 - eps into 1e-8
-        angle = torch.arccos(rho)
-        cross = sw2 / (2 * math.pi) * norm * (torch.sin(angle) + (math.pi - angle) * rho) + sb2
-        dot = sw2 * (math.pi - angle) / (2 * math.pi)
+        rest = math.pi - torch.arccos(rho)  # pi - angle
+        # sin(angle) = sqrt(1 - rho^2): the arc-cosine kernel of degree 1, times pi
+        k1 = (1 - rho * rho).clamp_(min=0).sqrt_().addcmul_(rest, rho)
+        cross = k1.mul_(norm).mul_(sw2 / (2 * math.pi)).add_(sb2)
+        theta = theta.mul(rest.mul_(sw2 / (2 * math.pi))).add_(cross)  # dot Sigma = sw2 rest/2pi
         diag1, diag2 = sw2 / 2 * diag1 + sb2, sw2 / 2 * diag2 + sb2  # angle 0 on the diagonal
-        theta = theta * dot + cross
     return theta
 
 
