@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -19,7 +19,8 @@ from torch import nn
 from .config import generator
 
 __all__ = ["flat_function", "hvp", "hvp_operator", "dense_hessian", "finite_difference_gradient",
-           "LanczosResult", "lanczos", "top_eigenvalue", "WHICH", "TraceEstimate",
+           "LanczosResult", "lanczos", "top_eigenvalue", "WHICH", "SharpnessTracker",
+           "sharpness_callback", "TraceEstimate",
            "hutchinson_trace", "hvp_trace", "exact_trace", "TRACE_METHODS",
            "SpectralDensity", "spectral_density"]
 
@@ -273,6 +274,105 @@ def top_eigenvalue(f: Flat, theta: torch.Tensor, *, which: str = "largest",
     """
     return float(lanczos(f, theta, 1, which=which, iters=iters, tol=tol,
                          seed=seed).eigenvalues[0])
+
+
+# --------------------------------------------------------------------------------------
+# sharpness during training
+
+
+@dataclass
+class SharpnessTracker:
+    r"""A ``callback(step, model, row)`` for :func:`nnopt_utils.train.fit` that measures the
+    sharpness :math:`\lambda_{\max}(\nabla^2 L(\theta_t))` every ``every`` steps; build it with
+    :func:`sharpness_callback`.
+
+    ``steps`` and ``values`` hold what was measured (as lists; ``eigenvectors`` the unit top
+    eigenvectors as flat ``(P,)`` tensors when ``keep_vectors``), and each measured value is
+    also written into that step's row of the run's :class:`~nnopt_utils.train.History`, in
+    the column ``sharpness``. ``fit`` calls its callback after the gradient of step ``t`` and
+    before the update, so the value at step ``t`` is the sharpness at the iterate
+    :math:`\theta_t` whose loss the row's ``loss`` reports."""
+
+    X: torch.Tensor
+    y: torch.Tensor
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    every: int
+    iters: int | None = None
+    tol: float | None = None
+    seed: int = 0
+    keep_vectors: bool = False
+    steps: list[int] = field(default_factory=list, init=False)
+    values: list[float] = field(default_factory=list, init=False)
+    eigenvectors: list[torch.Tensor] = field(default_factory=list, init=False)
+
+    def measure(self, model: nn.Module) -> LanczosResult:
+        """Lanczos for the top Hessian eigenpair of the loss on ``(X, y)`` at ``model``."""
+        f, theta = flat_function(model, self.loss, self.X, self.y)
+        return lanczos(f, theta, 1, iters=self.iters, tol=self.tol, seed=self.seed)
+
+    def __call__(self, step: int, model: nn.Module, row: dict | None = None) -> None:
+        if step % self.every:
+            return
+        result = self.measure(model)
+        value = float(result.eigenvalues[0])
+        self.steps.append(int(step))
+        self.values.append(value)
+        if self.keep_vectors:
+            self.eigenvectors.append(result.eigenvectors[:, 0].detach().clone())
+        if row is not None:
+            row["sharpness"] = value
+
+
+def sharpness_callback(X: torch.Tensor, y: torch.Tensor, *, loss="cross_entropy",
+                       every: int = 10, iters: int | None = None, tol: float | None = None,
+                       seed: int = 0, keep_vectors: bool = False) -> SharpnessTracker:
+    r"""Track the sharpness during training: a callback for ``fit(..., callback=...)`` that
+    records the top Hessian eigenvalue of the training loss every ``every`` steps.
+
+    At steps :math:`t = 0, k, 2k, \dots` (``k = every``) it computes, by :func:`lanczos`
+    with Hessian-vector products only (the Hessian is never formed),
+
+    .. math::
+
+        S(\theta_t) = \lambda_{\max}\big(\nabla^2 L(\theta_t)\big), \qquad
+        L(\theta) = \ell\big(f(X; \theta), y\big),
+
+    on the fixed data ``(X, y)`` given here: the full training set for the full-batch
+    sharpness of Cohen et al. (2021), *Gradient descent on neural networks typically occurs
+    at the edge of stability* (ICLR), or a fixed subset of it to save time. For gradient
+    descent with step :math:`\eta`, :math:`S = 2/\eta` is the stability threshold of the
+    local quadratic model; Cohen et al. found that full-batch GD drives :math:`S` up to it
+    and then keeps it there. ``loss`` must be the loss the run minimizes (a name from
+    :data:`nnopt_utils.train.LOSSES` or a ``callable(output, target)``), or the measured
+    curvature is that of another function.
+
+    Each measurement is one Lanczos run (typically 10-20 Hessian-vector products, each about
+    the cost of a gradient on ``(X, y)``) from the start vector drawn from ``seed``, so it
+    equals ``lanczos(*flat_function(model, loss, X, y), 1, iters=iters, tol=tol,
+    seed=seed)`` at that step. The values go to the returned :class:`SharpnessTracker`
+    (``steps``, ``values``, and ``eigenvectors`` with ``keep_vectors``) and to the column
+    ``sharpness`` of the :class:`~nnopt_utils.train.History` that ``fit`` returns. The
+    state after the last update is not measured (``fit`` makes no callback there); call
+    ``tracker.measure(model)`` for it.
+    """
+    from .train import resolve_loss
+
+    for name, t in (("X", X), ("y", y)):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            what = "a 0-d tensor" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a tensor with a sample dimension, got {what}")
+    if len(X) != len(y) or len(X) == 0:
+        raise ValueError(f"X and y must hold the same positive number of samples, got "
+                         f"{len(X)} and {len(y)}")
+    _check_int("every", every)
+    if iters is not None:
+        _check_int("iters", iters)
+    if tol is not None:
+        _check_positive("tol", tol)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    return SharpnessTracker(X, y, resolve_loss(loss), every, iters, tol, seed,
+                            bool(keep_vectors))
 
 
 # --------------------------------------------------------------------------------------

@@ -371,3 +371,68 @@ def test_hvp_operator_equals_dense_hessian_for_one_vector_and_a_batch():
     assert torch.equal(linear(V), torch.zeros_like(V))
     with pytest.raises(ValueError, match=r"v must have shape \(\d+,\) or \(B, \d+\), got \(3,\)"):
         op(torch.ones(3, dtype=theta.dtype))
+
+
+# --------------------------------------------------------------------------------------
+# sharpness_callback
+
+
+def test_sharpness_callback_equals_lanczos_on_the_model_at_that_step():
+    net = nu.mlp(4, [8], 3, activation="tanh", seed=0).double()
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(20, 4, generator=gen, dtype=torch.float64)
+    Y = torch.randn(20, 3, generator=gen, dtype=torch.float64)
+    tracker = hessian.sharpness_callback(X, Y, loss="mse", every=3, seed=5)
+    snapshots = {}
+
+    def callback(t, model, row):
+        tracker(t, model, row)
+        snapshots[t] = [p.detach().clone() for p in model.parameters()]
+
+    h = nu.fit(net, (X, Y), loss="mse", lr=0.5, steps=10, callback=callback, progress=False)
+    assert tracker.steps == [0, 3, 6, 9]
+    assert h["sharpness"].tolist() == tracker.values  # recorded into the History
+    assert [r["step"] for r in h.rows if "sharpness" in r] == tracker.steps
+    for t, value in zip(tracker.steps, tracker.values):
+        model = nu.mlp(4, [8], 3, activation="tanh", seed=0).double()
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), snapshots[t]):
+                p.copy_(q)
+        f, theta = hessian.flat_function(model, nu.train.LOSSES["mse"], X, Y)
+        separate = hessian.lanczos(f, theta, 1, seed=5).eigenvalues[0].item()
+        assert value == pytest.approx(separate, rel=1e-12)
+        dense = torch.linalg.eigvalsh(hessian.dense_hessian(f, theta))[-1].item()
+        assert value == pytest.approx(dense, rel=1e-6)
+    # the iterates moved: the sharpness is measured at each step's own parameters
+    assert len(set(tracker.values)) == len(tracker.values)
+
+
+def test_sharpness_callback_on_a_quadratic_is_its_top_eigenvalue():
+    # L(w) = 1/(2n) sum_i (a_i . w)^2 = w^T H w / 2 with H = A^T A / n, whatever w is
+    gen = torch.Generator().manual_seed(1)
+    A = torch.randn(30, 6, generator=gen, dtype=torch.float64)
+    H = A.T @ A / len(A)
+    top = torch.linalg.eigvalsh(H)[-1].item()
+    net = nn.Linear(6, 1, bias=False).double()
+    tracker = hessian.sharpness_callback(A, torch.zeros(30, 1, dtype=torch.float64),
+                                         loss="mse", every=2, keep_vectors=True)
+    nu.fit(net, (A, torch.zeros(30, 1, dtype=torch.float64)), loss="mse", lr=0.1, steps=6,
+           callback=tracker, progress=False)
+    assert tracker.steps == [0, 2, 4]
+    assert tracker.values == pytest.approx([top] * 3, rel=1e-8)
+    u = tracker.eigenvectors[0]
+    assert torch.allclose(H @ u, top * u, atol=1e-8)
+
+
+def test_sharpness_callback_bad_input():
+    X, y = torch.randn(5, 2), torch.randn(5)
+    for kwargs, match in [({"every": 0}, "every"), ({"every": 2.5}, "every"),
+                          ({"every": True}, "every"), ({"tol": -1.0}, "tol"),
+                          ({"iters": 0}, "iters"), ({"seed": 1.5}, "seed"),
+                          ({"loss": "l2"}, "unknown loss")]:
+        with pytest.raises(ValueError, match=match):
+            hessian.sharpness_callback(X, y, **kwargs)
+    with pytest.raises(ValueError, match="same positive number of samples, got 5 and 4"):
+        hessian.sharpness_callback(X, y[:4])
+    with pytest.raises(ValueError, match="X must be a tensor"):
+        hessian.sharpness_callback([[0.0]], y)
