@@ -6,28 +6,28 @@ hidden layers. Here they are written relative to a *base width* :math:`n_0`, wit
 ratio :math:`m = n / n_0`, so that at :math:`n = n_0` µP and the standard parametrization
 (SP) coincide and a learning rate tuned at the base width has the same meaning at every width.
 
-Table 3 of Yang et al. (2022), relative to the base width (:math:`\sigma^2` is SP's variance,
+Table 3 of Yang et al. (2022), relative to the base width (``s2`` is SP's variance,
 ``gain**2 / fan_in``; biases start at zero in both):
 
-=======================  ================  ===============  ===============
-µP, Table 3              input weights,    output weights   hidden weights
-                         hidden biases
-=======================  ================  ===============  ===============
-init variance            :math:`\sigma^2`  :math:`\sigma^2/m`  :math:`\sigma^2`
-multiplier               1                 1                1
-SGD learning rate        :math:`\eta m`    :math:`\eta/m`   :math:`\eta`
-Adam learning rate       :math:`\eta`      :math:`\eta/m`   :math:`\eta/m`
-=======================  ================  ===============  ===============
+========================  =======================  ==================  ==================
+µP, Table 3               input weights and         output weights      hidden weights
+                          hidden biases
+========================  =======================  ==================  ==================
+initial variance          ``s2``                   ``s2 / m``          ``s2``
+multiplier                1                        1                   1
+SGD learning rate         ``lr * m``               ``lr / m``          ``lr``
+Adam learning rate        ``lr``                   ``lr / m``          ``lr / m``
+========================  =======================  ==================  ==================
 
 The paper's "all biases" column has the learning rate :math:`\eta\cdot\text{fan\_out}`
 (SGD); the output bias has a fixed fan-out (the number of classes), so its multiplier is 1
-here, for SGD and Adam alike. SP uses :math:`\sigma^2` and :math:`\eta` everywhere.
+here, for SGD and Adam alike. SP uses ``s2`` and ``lr`` everywhere.
 
 Table 8 of the paper is the same parametrization with the output layer written as the
-``mup`` package writes it: a width-independent initial variance (here
-:math:`\sigma^2` at the base width, ``gain**2 / base_width``), a forward multiplier
-:math:`1/m` on the output, and learning rates :math:`\eta m` (SGD) and :math:`\eta` (Adam)
-for the output weights. Both forms give the same function at every step (the effective
+``mup`` package writes it: a width-independent initial variance (here ``1 / base_width``,
+SP's at the base width), a forward multiplier :math:`1/m` on the output layer's input
+(the bias is not scaled), and learning rates ``lr * m`` (SGD) and ``lr`` (Adam) for the
+output weights. Both forms give the same function at every step (the effective
 output weights :math:`W/m` follow the same trajectory); :func:`mlp` builds the first by
 default and the second with ``output_multiplier=True``.
 """
