@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 # The heavier modules load on first use: ``nu.signal``, ``nu.hessian``, ...
 _LAZY = ("plotting", "signal", "normalization", "optim", "schedules", "second_order", "hessian",
-         "ntk", "landscape", "pruning", "distributed")
+         "ntk", "landscape", "pruning", "distributed", "mup")
 
 
 def __getattr__(name: str):
