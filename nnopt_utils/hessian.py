@@ -306,13 +306,24 @@ class SharpnessTracker:
     eigenvectors: list[torch.Tensor] = field(default_factory=list, init=False)
 
     def measure(self, model: nn.Module) -> LanczosResult:
-        """Lanczos for the top Hessian eigenpair of the loss on ``(X, y)`` at ``model``."""
-        f, theta = flat_function(model, self.loss, self.X, self.y)
-        return lanczos(f, theta, 1, iters=self.iters, tol=self.tol, seed=self.seed)
+        """Lanczos for the top Hessian eigenpair of the loss on ``(X, y)`` at ``model``.
+        The model is left as it was: buffers a forward pass updates (BatchNorm's running
+        statistics) are restored afterwards."""
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        try:
+            f, theta = flat_function(model, self.loss, self.X, self.y)
+            return lanczos(f, theta, 1, iters=self.iters, tol=self.tol, seed=self.seed)
+        finally:
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    b.copy_(buffers[n])
 
     def __call__(self, step: int, model: nn.Module, row: dict | None = None) -> None:
         if step % self.every:
             return
+        if self.steps and step <= self.steps[-1]:
+            raise ValueError(f"a SharpnessTracker records one run: step {step} after step "
+                             f"{self.steps[-1]}; make a new one per run")
         result = self.measure(model)
         value = float(result.eigenvalues[0])
         self.steps.append(int(step))

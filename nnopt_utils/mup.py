@@ -28,7 +28,8 @@ Table 8 of the paper is the same parametrization with the output layer written a
 SP's at the base width), a forward multiplier :math:`1/m` on the output layer's input
 (the bias is not scaled), and learning rates ``lr * m`` (SGD) and ``lr`` (Adam) for the
 output weights. Both forms give the same function at every step (the effective
-output weights :math:`W/m` follow the same trajectory); :func:`mlp` builds the first by
+output weights :math:`W/m` follow the same trajectory; for Adam up to its ``eps``, which
+is not rescaled by :math:`m`); :func:`mlp` builds the first by
 default and the second with ``output_multiplier=True``.
 """
 
@@ -218,9 +219,9 @@ def param_groups(model: MuMLP, lr, optimizer: str = "adam", *,
     ``lr_multiplier``. ``lr`` may be a tensor of one value per stacked copy (with
     ``copies=N`` in ``options``, which are copied into every group); ``params``, a list of
     tensors in the order of ``model.named_parameters()``, replaces the model's own (for
-    example the stacked copies :func:`nnopt_utils.train.sweep` hands to a factory). Groups
-    with multiplier 1 come first, so that a value written into the first group's ``lr`` is
-    the base rate :math:`\eta`.
+    example the stacked copies :func:`nnopt_utils.train.sweep` hands to a factory; a grid
+    ``lr`` of ``sweep`` is then the base rate :math:`\eta`, which every group gets times
+    its multiplier). Groups with multiplier 1 come first.
     """
     if not isinstance(model, MuMLP):
         raise ValueError(f"model must be built by nnopt_utils.mup.mlp, got "

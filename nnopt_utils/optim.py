@@ -686,7 +686,10 @@ class Muon(AdamW):
 
     A parameter is a matrix when it has 2 dimensions or more (one more in a group of stacked
     ``copies``, the first being the copy); a convolution's filters ``(out, in, *k)`` are
-    flattened to ``(out, in * prod(k))``. Every parameter group is split in two: its matrices
+    flattened to ``(out, in * prod(k))``, and the scale :math:`\sqrt{\max(1, m/n)}` is that
+    of the flattened matrix (the reference takes the ratio of the filters' last two
+    dimensions, :math:`k_h/k_w`, which is 1 for square kernels; for 2-D weights the two
+    agree). Every parameter group is split in two: its matrices
     take the Muon step with ``lr``, everything else (biases, gains) an AdamW step with
     ``adamw_lr``, ``betas``, ``eps`` and the same decoupled ``weight_decay``. So
     ``param_groups`` holds groups flagged ``use_muon`` True or False, each with its own

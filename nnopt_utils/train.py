@@ -625,7 +625,10 @@ def sweep(
     optimizer
         As :func:`fit`: a name from :data:`OPTIMIZERS`, an :mod:`nnopt_utils.optim` class,
         or a ``factory(params)`` (it receives one parameter group with ``"copies": N``;
-        grid values are then written into that group).
+        grid values are then written into the first group of the optimizer it returns,
+        except a grid ``lr`` when the groups carry an ``lr_multiplier``, as
+        :func:`nnopt_utils.mup.param_groups` makes them: every group then gets that base
+        rate times its multiplier).
     momentum, betas, eps, weight_decay
         Fixed hyperparameters (``momentum`` is used by ``'momentum'``/``'nesterov'``, 0.9
         by default, and by optimizers that take one; it is ignored by the others).
@@ -734,9 +737,13 @@ def sweep(
             if key not in g0:
                 raise ValueError(f"unknown grid key {key!r} for the factory's optimizer; "
                                  f"choose among: {', '.join(k for k in g0 if k != 'params')}")
-            g0[key] = value
-            if key == "lr" and "initial_lr" in g0:
-                g0["initial_lr"] = value
+            # groups with per-layer rates (nnopt_utils.mup.param_groups): the grid's lr is
+            # the base rate, and every group gets it times its own multiplier
+            scaled = key == "lr" and any("lr_multiplier" in g for g in opt.param_groups)
+            for g in opt.param_groups if scaled else [g0]:
+                g[key] = value * g.get("lr_multiplier", 1.0) if scaled else value
+                if key == "lr" and "initial_lr" in g:
+                    g["initial_lr"] = g[key]
     if schedule is not None:
         base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in opt.param_groups]
 

@@ -436,3 +436,16 @@ def test_sharpness_callback_bad_input():
         hessian.sharpness_callback(X, y[:4])
     with pytest.raises(ValueError, match="X must be a tensor"):
         hessian.sharpness_callback([[0.0]], y)
+
+
+def test_sharpness_callback_leaves_the_model_and_refuses_a_second_run():
+    torch.manual_seed(0)
+    X, y = torch.randn(32, 4, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
+    net = nu.mlp(4, [8], 1, norm="batch", seed=0).double()
+    before = {n: b.clone() for n, b in net.named_buffers()}
+    tracker = hessian.sharpness_callback(X, y, loss="mse", every=1)
+    tracker(0, net, {})
+    assert all(torch.equal(b, before[n]) for n, b in net.named_buffers())
+    assert len(tracker.values) == 1
+    with pytest.raises(ValueError, match="a SharpnessTracker records one run: step 0"):
+        tracker(0, net, {})

@@ -20,7 +20,7 @@ def test_newton_schulz_puts_singular_values_in_the_band_and_keeps_the_vectors(sh
     inner = U.mT @ X @ Vh.mT  # = diag(p^5(sigma)) when the singular vectors are kept
     off = inner - torch.diag_embed(inner.diagonal(dim1=-2, dim2=-1))
     assert off.abs().max() < 1e-10
-    # the band is not reached by any number of steps: two are not enough
+    # two steps are not enough to reach the band
     s2 = torch.linalg.svdvals(newton_schulz(G, steps=2))
     assert s2.min() < 0.68 or s2.max() > 1.14
     assert torch.allclose(newton_schulz(G, steps=0), G / (G.norm(dim=(-2, -1),

@@ -136,3 +136,29 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="params must hold"):
         mup.param_groups(mup.mlp(4, 8, 2), 0.1, params=[torch.zeros(1)])
     assert math.isclose(mup.lr_multiplier("hidden", 128, 64, optimizer="adam"), 0.5)
+
+
+def test_sweep_grid_lr_is_the_base_rate_of_every_group():
+    """SGD, one hidden layer, no bias: no group has multiplier 1; a grid lr must still
+    reach every group times its multiplier, as in separate runs."""
+    data = nu.Dataset(torch.randn(64, 6, generator=nu.generator(0)),
+                      torch.randn(64, 2, generator=nu.generator(1)))
+    build = lambda s: mup.mlp(6, 128, 2, depth=1, base_width=32, bias=False,  # noqa: E731
+                              seed=s)
+    groups = mup.param_groups(build(0), 1.0, "sgd")
+    assert all(g["lr_multiplier"] != 1.0 for g in groups)
+    lrs = [0.01, 0.02]
+
+    def factory(gs):
+        g = gs[0]
+        return nu.optim.SGD(mup.param_groups(build(0), 0.5, "sgd", params=g["params"],
+                                             copies=g["copies"]), lr=0.5)
+
+    res = nu.sweep(build, data, seeds=(0,), lr=lrs, optimizer=factory, loss="mse",
+                   steps=5, eval_every=5)
+    for i, lr in enumerate(lrs):
+        model = build(0)
+        opt = nu.optim.SGD(mup.param_groups(model, lr, "sgd"), lr=lr)
+        h = nu.fit(model, data, optimizer=opt, loss="mse", steps=5, eval_every=5)
+        assert res.final("train_loss")[i].item() == pytest.approx(h.last("train_loss"),
+                                                                  rel=1e-5)
