@@ -92,6 +92,7 @@ pdf: $(STAMP) book-cache
 	  echo "make pdf needs TeX Live: apt-get install -y texlive-latex-recommended \
 	  texlive-latex-extra texlive-fonts-recommended texlive-xetex texlive-fonts-extra latexmk fonts-freefont-otf"; \
 	  exit 1; }
+	$(BIN)/python tools/execute.py --jobs $(JOBS)
 	$(BIN)/jupyter-book build . --builder pdflatex
 	@echo "The PDF: $(CURDIR)/_build/latex/nnopt.pdf"
 

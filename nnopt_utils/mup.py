@@ -75,7 +75,7 @@ def lr_multiplier(role: str, width: int, base_width: int, *, parametrization: st
     r"""The factor by which the learning rate :math:`\eta` is multiplied for a parameter of
     kind ``role`` (one of :data:`ROLES`), at ``width`` relative to ``base_width``.
 
-    µP, Table 3 of Yang et al. (2022), :math:`m = ` ``width / base_width``: SGD row
+    µP, Table 3 of Yang et al. (2022), :math:`m` = ``width / base_width``: SGD row
     :math:`(m, 1/m, 1)` for (input weights and hidden biases, output weights, hidden
     weights); Adam row :math:`(1, 1/m, 1/m)`; the output bias 1. With
     ``output_multiplier=True`` the output weights follow Table 8 instead: :math:`m` (SGD),
