@@ -126,23 +126,62 @@ def _execution_count() -> int | None:
     return getattr(shell, "execution_count", None) if shell is not None else None
 
 
-def markdown_table(frame: "pd.DataFrame") -> str:
-    """``frame`` as a Markdown pipe table, every cell escaped (no markup, no math, no HTML)."""
-    def cell(value) -> str:
-        text = " ".join(str(value).split())
-        return re.sub(r"([\\`*_{}\[\]<>()#+!|$~^])", r"\\\1", text)
+def _markdown_cell(value) -> str:
+    """``value`` as the text of one Markdown table cell: one line, every character that
+    Markdown, MyST or HTML would read as markup escaped, and no list or heading start."""
+    text = " ".join(str(value).split())
+    text = re.sub(r"([\\`*_{}\[\]<>()#+!|$~^])", r"\\\1", text)
+    text = re.sub(r"^([-=])", r"\\\1", text)  # "- x" is not a list
+    return re.sub(r"^(\d+)([.)])", r"\1\\\2", text)  # "1. Intro" is not an ordered list
 
+
+def _column_widths(frame: "pd.DataFrame", line: int = 90) -> list[int]:
+    """Relative column widths, in characters, for a table wrapped to ``line`` characters.
+
+    Each column needs its header and its longest word (up to 12 characters) plus 3 for
+    the padding between columns, and would like its typical cell (the 90th percentile of
+    the lengths, up to 60). When the wishes do not fit in ``line``, every column gets its
+    need and the rest of the line is shared in proportion to what each still wants.
+    """
+    need, want = [], []
+    for name in frame.columns:
+        cells = [" ".join(str(v).split()) for v in frame[name]]
+        lengths = sorted(map(len, cells))
+        typical = lengths[math.ceil(0.9 * (len(lengths) - 1))] if lengths else 0
+        word = max((len(w) for c in cells for w in c.split()), default=0)
+        need.append(max(len(str(name)), min(word, 12), 1) + 3)
+        want.append(max(need[-1], min(typical, 60) + 3))
+    spare, extra = line - sum(need), sum(w - n for w, n in zip(want, need))
+    if sum(want) <= line or spare <= 0 or extra == 0:
+        return want if sum(want) <= line else need
+    return [n + round(spare * (w - n) / extra) for w, n in zip(want, need)]
+
+
+def markdown_table(frame: "pd.DataFrame", widths: Sequence[int] | None = None) -> str:
+    """``frame`` as a MyST ``list-table`` with a header row and relative column ``widths``
+    (default: from the cells' lengths), every cell escaped (no markup, no math, no HTML).
+
+    Unlike a pipe table, a ``list-table`` with widths wraps its columns in the PDF, so a long
+    table stays within the page.
+    """
     columns = [str(c) for c in frame.columns]
-    lines = ["| " + " | ".join(cell(c) for c in columns) + " |",
-             "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
-              for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
+    if widths is None:
+        widths = _column_widths(frame)
+    widths = [int(w) for w in widths]
+    if len(widths) != len(columns) or min(widths, default=1) < 1:
+        raise ValueError(f"widths must be {len(columns)} positive integers, one per column "
+                         f"{columns}; got {widths}")
+    lines = ["```{list-table}", ":header-rows: 1", ":widths: " + " ".join(map(str, widths)),
+             ""]
+    for row in [columns, *frame.itertuples(index=False)]:
+        cells = [_markdown_cell(v) for v in row]
+        lines += [f"* - {cells[0]}".rstrip()] + [f"  - {c}".rstrip() for c in cells[1:]]
+    return "\n".join(lines + ["```"])
 
 
 class Table:
-    """A table that shows as HTML in the book and in notebooks, and as a Markdown table in
-    the PDF (which shows no HTML); ``data`` is the DataFrame."""
+    """A table that shows as HTML in the book and in notebooks, and as a MyST ``list-table``
+    in the PDF (which shows no HTML); ``data`` is the DataFrame."""
 
     def __init__(self, data: "pd.DataFrame"):
         self.data = data

@@ -100,20 +100,59 @@ def test_claims_index_reads_executed_chapters(tmp_path, as_book_build):
         claims_index(tmp_path / "nothing")
 
 
-def test_markdown_table_escapes_every_cell():
-    import pandas as pd
+def _parse_myst(text):
+    """The docutils tree of ``text`` as MyST (the book's parser for Markdown outputs)."""
+    import docutils.core
 
-    MarkdownIt = pytest.importorskip("markdown_it").MarkdownIt  # the book's toolchain
-    frame = pd.DataFrame({"claim": ["a | b, $x$ <i>y</i> *z*"], "value": ["{cite}`k` \\alpha"]})
+    parser = pytest.importorskip("myst_parser.parsers.docutils_").Parser()
+    return docutils.core.publish_doctree(text, parser=parser,
+                                         settings_overrides={"report_level": 2, "halt_level": 2})
+
+
+def test_markdown_table_is_a_list_table_with_every_cell_escaped():
+    import pandas as pd
+    from docutils import nodes
+
+    raw = ["1. a | b, $x$ <i>y</i> *z*", "- not a list", "{cite}`k` \\alpha", ""]
+    frame = pd.DataFrame({"claim": raw[:2], "value": raw[2:]})
     text = nu.report.markdown_table(frame)
-    tokens = MarkdownIt("commonmark").enable("table").parse(text)
-    cells = [t for t in tokens if t.type == "inline"]
-    assert [c.content for c in cells][:2] == ["claim", "value"]
-    assert len(cells) == 4  # a pipe inside a cell does not split it
-    html = MarkdownIt("commonmark").enable("table").render(text)
-    assert "<i>" not in html and "<em>" not in html and "<code>" not in html
-    assert "a | b, $x$ &lt;i&gt;y&lt;/i&gt; *z*" in html
+    assert text.startswith("```{list-table}") and ":header-rows: 1" in text
+    tree = _parse_myst(text)
+    (table,) = tree.findall(nodes.table)
+    rows = [[entry.astext() for entry in row.findall(nodes.entry)]
+            for row in table.findall(nodes.row)]
+    assert rows == [["claim", "value"], [raw[0], raw[2]], [raw[1], raw[3]]]
+    for markup in (nodes.emphasis, nodes.strong, nodes.literal, nodes.math, nodes.raw,
+                   nodes.enumerated_list, nodes.bullet_list, nodes.reference, nodes.problematic):
+        assert not list(table.findall(markup)), markup
+    # the widths follow the cells (length + 3 of padding) when they fit in a line
+    assert [c["colwidth"] for c in table.findall(nodes.colspec)] == [29, 19]
+    given = _parse_myst(nu.report.markdown_table(frame, widths=[3, 1]))
+    assert [c["colwidth"] for c in given.findall(nodes.colspec)] == [3, 1]
+    with pytest.raises(ValueError, match=r"2 positive integers.*got \[3\]"):
+        nu.report.markdown_table(frame, widths=[3])
+    with pytest.raises(ValueError, match="positive"):
+        nu.report.markdown_table(frame, widths=[3, 0])
     table = nu.report.Claims("t")
     table.check("c", 1, True)
     shown = table.table()
-    assert "<table" in shown._repr_html_() and shown._repr_markdown_().startswith("| claim |")
+    assert "<table" in shown._repr_html_()
+    assert shown._repr_markdown_().startswith("```{list-table}")
+
+
+def test_column_widths_fit_a_line_and_keep_what_each_column_needs():
+    import pandas as pd
+
+    widths = nu.report._column_widths
+    long = " ".join(["word"] * 30)  # 149 characters
+    frame = pd.DataFrame({"claim": [long] * 9 + ["x"], "measured": ["[0.125, 0.25]"] * 10,
+                          "criterion": [long] * 10, "result": ["pass"] * 10})
+    w = widths(frame)
+    # the wishes (63, 16, 63, 9) do not fit in 90: each column keeps its need (its header
+    # or longest word, + 3: 8, 11, 12, 9) and the rest goes mostly to the long columns
+    assert abs(sum(w) - 90) <= 2 and min(w[0], w[2]) > 30
+    assert len("measured") + 3 <= w[1] < len("[0.125, 0.25]") + 3
+    assert w[3] == len("result") + 3
+    # short columns get their typical length (the 90th percentile: the lone "x" is ignored)
+    assert widths(frame.iloc[:, 1:2]) == [len("[0.125, 0.25]") + 3]
+    assert widths(pd.DataFrame({"a": ["x"] * 10})) == [4]
