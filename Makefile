@@ -14,7 +14,7 @@ JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 export NNOPT_QUIET := 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: book test unit notebooks notebooks-other book-strict book-cache html-checks robust \
+.PHONY: book test unit notebooks notebooks-other book-strict html-checks robust \
         test-installed test-browser student pdf bench bench-quick venv clean
 
 venv: $(STAMP)
@@ -25,22 +25,17 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
-# The execution cache keys on a notebook's code only. Outputs also depend on the library and
-# on the variables that change results, so the cache is dropped when any of them changes.
-CACHE     := _build/.jupyter_cache
-CACHE_KEY := $(shell cat nnopt_utils/*.py requirements.txt | sha256sum | cut -c1-16)-$(NNOPT_SCALE)-$(NNOPT_SEED)-$(ATEN_CPU_CAPABILITY)-$(NNOPT_DEVICE)
+# Targets run one at a time even under `make -j` (they share _build and its execution cache);
+# the chapters themselves run JOBS at a time. tools/execute.py drops the execution cache when
+# the library, the requirements or a variable that changes results has changed.
+.NOTPARALLEL:
 
 ## book: build the HTML book, executing every chapter (cached between builds), JOBS
 ## chapters at a time
-book: $(STAMP) book-cache
+book: $(STAMP)
 	$(BIN)/python tools/execute.py --jobs $(JOBS)
 	$(BIN)/jupyter-book build . --warningiserror --keep-going
 	@echo "The book: $(CURDIR)/_build/html/index.html"
-
-book-cache:
-	@if [ "$$(cat $(CACHE)/nnopt-key 2>/dev/null)" != "$(CACHE_KEY)" ]; then \
-	  rm -rf $(CACHE); mkdir -p $(CACHE); echo "$(CACHE_KEY)" > $(CACHE)/nnopt-key; \
-	  echo "library or settings changed: every chapter will be executed again"; fi
 
 ## test: unit and structure tests, a strict book build (it executes every chapter, and a
 ## failing claim fails it), the student edition, checks of the built pages, and every
@@ -63,7 +58,7 @@ notebooks-other: $(STAMP)
 	  print('avx2' if torch.backends.cpu.get_cpu_capability().lower().startswith('avx512') \
 	  else 'default')") NNOPT_THREADS=1 $(NBVAL) -n $(JOBS) --dist loadfile chapters
 
-book-strict: $(STAMP) book-cache
+book-strict: $(STAMP)
 	$(BIN)/python tools/execute.py --jobs $(JOBS)
 	$(BIN)/jupyter-book build . --warningiserror --keep-going
 	@echo "The book: $(CURDIR)/_build/html/index.html"
@@ -86,7 +81,7 @@ test-browser: book
 	$(BIN)/python -m pytest tests/browser -q
 
 ## pdf: the book as a PDF through LaTeX (TeX Live); not part of `make test`
-pdf: $(STAMP) book-cache
+pdf: $(STAMP)
 	@command -v latexmk >/dev/null 2>&1 && command -v xelatex >/dev/null 2>&1 && \
 	  kpsewhich bbm.sty >/dev/null 2>&1 || { \
 	  echo "make pdf needs TeX Live: apt-get install -y texlive-latex-recommended \

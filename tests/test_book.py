@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,50 @@ def test_parallel_execution_runs_every_chapter_of_the_toc():
     assert len(expected) == len(list((ROOT / "chapters").glob("*/*.ipynb")))
     with pytest.raises(SystemExit):  # argparse: --jobs must be positive
         execute.main(["--jobs", "0"])
+
+
+def test_parallel_execution_reports_failed_chapters_and_keys_the_cache(tmp_path, monkeypatch,
+                                                                       capsys):
+    """A failing chapter (a raised error, a dead kernel) is named and not cached, the others
+    are, the exit status is 1; a changed library or result variable empties the cache."""
+    import importlib.util
+
+    import nbformat
+
+    spec = importlib.util.spec_from_file_location("execute", ROOT / "tools" / "execute.py")
+    execute = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(execute)
+    monkeypatch.setitem(sys.modules, "execute", execute)  # the worker processes import it
+    (tmp_path / "chapters").mkdir()
+    (tmp_path / "nnopt_utils").mkdir()
+    (tmp_path / "nnopt_utils" / "a.py").write_text("x = 1\n")
+    (tmp_path / "requirements.txt").write_text("torch\n")
+    (tmp_path / "_config.yml").write_text("execute:\n  timeout: 60\n")
+    codes = {"good": "import os\nassert 'NNOPT_CLAIMS_KEEP_GOING' not in os.environ",
+             "fails": "raise AssertionError('claim failed: x')",
+             "dies": "import os\nos._exit(1)"}
+    for name, code in codes.items():
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                     "language": "python"}
+        nbformat.write(nb, tmp_path / "chapters" / f"{name}.ipynb")
+    (tmp_path / "_toc.yml").write_text(
+        "format: jb-book\nroot: intro\nchapters:\n"
+        + "".join(f"  - file: chapters/{n}\n" for n in codes))
+    monkeypatch.setattr(execute, "ROOT", tmp_path)
+    monkeypatch.setattr(execute, "CACHE", tmp_path / "cache")
+    monkeypatch.setenv("NNOPT_CLAIMS_KEEP_GOING", "1")
+    assert execute.main(["--jobs", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED chapters/fails.ipynb" in out and "claim failed: x" in out
+    assert "FAILED chapters/dies.ipynb" in out
+    assert "2 of 3 chapters failed" in out and "\n" in out
+    from jupyter_cache import get_cache
+
+    cached = {Path(r.uri).name for r in get_cache(str(tmp_path / "cache")).list_project_records()}
+    assert cached == {"good.ipynb"}
+    # the cache key follows the library and the variables that change results
+    key = execute.cache_key({})
+    assert execute.cache_key({"NNOPT_SEED": "1"}) != key
+    (tmp_path / "nnopt_utils" / "a.py").write_text("x = 2\n")
+    assert execute.cache_key({}) != key

@@ -16,7 +16,11 @@ A cell that raises for another reason is reported as an error. Exit status 1 if 
 failed.
 
     python tools/robust.py                       # the whole matrix
-    python tools/robust.py --envs seed=1 default chapters/part2_spectrum/04_initialization.ipynb
+    python tools/robust.py --envs seed=1,default chapters/part2_spectrum/04_initialization.ipynb
+
+The matrix does not inherit ``ATEN_CPU_CAPABILITY``, ``NNOPT_SEED`` or ``NNOPT_THREADS`` from
+the caller: each environment sets exactly what its name says. A chapter that records no
+claim at all is reported as an error.
 """
 
 from __future__ import annotations
@@ -34,11 +38,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def environments() -> dict[str, dict[str, str]]:
-    """The matrix: name -> environment variables added to the current environment."""
-    import torch
+#: the variables the matrix sets itself; the caller's values are not inherited
+MATRIX_VARIABLES = ("ATEN_CPU_CAPABILITY", "NNOPT_SEED", "NNOPT_THREADS")
 
-    own = torch.backends.cpu.get_cpu_capability().lower()  # 'avx512', 'avx2', 'default', ...
+
+def base_environment() -> dict[str, str]:
+    """The caller's environment without :data:`MATRIX_VARIABLES`."""
+    return {k: v for k, v in os.environ.items() if k not in MATRIX_VARIABLES}
+
+
+def own_capability() -> str:
+    """The CPU kernel family torch picks on this machine by itself ('avx512', 'avx2', ...),
+    read in a fresh process, whatever ``ATEN_CPU_CAPABILITY`` this one was started with."""
+    code = "import torch; print(torch.backends.cpu.get_cpu_capability().lower())"
+    out = subprocess.run([sys.executable, "-c", code], env=base_environment(),
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def environments() -> dict[str, dict[str, str]]:
+    """The matrix: name -> the variables set on top of :func:`base_environment`."""
+    own = own_capability()
     envs = {f"seed={s}": {"NNOPT_SEED": str(s)} for s in (0, 1, 2)}
     others = (["avx2"] if own.startswith("avx512") else []) + (["default"] if own != "default" else [])
     for cap in others:
@@ -50,7 +70,7 @@ def environments() -> dict[str, dict[str, str]]:
 def run_chapter(nb: Path, extra: dict[str, str], timeout: float) -> dict:
     """Execute one notebook under nbval; return its claims, failures, errors and time."""
     with tempfile.TemporaryDirectory(prefix="nnopt-claims-") as folder:
-        env = {**os.environ, "NNOPT_QUIET": "1", "NNOPT_CLAIMS_DIR": folder,
+        env = {**base_environment(), "NNOPT_QUIET": "1", "NNOPT_CLAIMS_DIR": folder,
                "NNOPT_CLAIMS_KEEP_GOING": "1", **extra}
         cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-cell-timeout=300",
                "-p", "no:cacheprovider", "-q", "-rf", str(nb)]
@@ -60,7 +80,10 @@ def run_chapter(nb: Path, extra: dict[str, str], timeout: float) -> dict:
                                  timeout=timeout)
             log, status = out.stdout + out.stderr, out.returncode
         except subprocess.TimeoutExpired as exc:
-            log, status = f"timed out after {timeout:g} s\n{exc.stdout or ''}", -1
+            partial = exc.stdout or b""
+            if isinstance(partial, bytes):
+                partial = partial.decode(errors="replace")
+            log, status = f"timed out after {timeout:g} s\n{partial}", -1
         seconds = time.perf_counter() - start
         records = []
         for path in Path(folder).glob("*.jsonl"):
@@ -68,6 +91,8 @@ def run_chapter(nb: Path, extra: dict[str, str], timeout: float) -> dict:
     errors = sorted(set(re.findall(r"FAILED \S+::(Cell \d+)", log)))
     if status not in (0, 1) or (status == 1 and not errors):
         errors.append(f"pytest exit status {status}")
+    if not records and not errors:
+        errors.append("no claim recorded (is every check a claims.check?)")
     return {"passed": sum(r["passed"] for r in records), "total": len(records),
             "failures": [r for r in records if not r["passed"]], "errors": errors,
             "seconds": seconds, "log_tail": log[-3000:] if errors else ""}
@@ -77,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="*", type=Path,
                         help="notebooks to run (default: every chapter)")
-    parser.add_argument("--envs", nargs="*", default=None,
-                        help="names of the environments to run (default: all)")
+    parser.add_argument("--envs", default=None, type=lambda text: text.split(","),
+                        help="comma-separated names of the environments to run, for "
+                             "example seed=1,default (default: all)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per chapter")
     parser.add_argument("--json", type=Path, default=ROOT / "_build" / "robust.json",
                         help="where to write the full results")
