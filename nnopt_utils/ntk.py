@@ -11,6 +11,11 @@ Gradient flow on the squared loss moves the outputs by :math:`\dot f = -\Theta\,
 in the infinite-width limit of the NTK parametrization :math:`\Theta` is deterministic and
 constant in training, and the network trains as its first-order Taylor model
 (:func:`linearize`; Lee et al., 2019).
+
+For the two-layer ReLU network of Du et al. (2019), whose first layer alone is trained, the
+module has the limit kernel :math:`H^\infty` (:func:`h_infinity`), the finite-width kernel
+(:func:`two_layer_ntk`), seeded initializations (:func:`two_layer_init`) and gradient descent
+on many copies at once (:func:`two_layer_gd`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -26,7 +32,8 @@ from torch import nn
 from .config import generator
 
 __all__ = ["NTKLinear", "ntk_mlp", "empirical_ntk", "NTK_METHODS", "relu_ntk",
-           "Linearized", "linearize"]
+           "Linearized", "linearize", "h_infinity", "TWO_LAYER_ACTIVATIONS", "two_layer_init",
+           "two_layer_ntk", "TwoLayerRun", "two_layer_gd"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -417,3 +424,270 @@ def linearize(model: nn.Module) -> Linearized:
     """
     _check_model(model)
     return Linearized(model)
+
+
+# ---------------------------------------------------------------------------------------
+# the two-layer ReLU network of Du et al., first layer trained
+
+def _relu_derivative(t: torch.Tensor) -> torch.Tensor:
+    return (t > 0).to(t.dtype)  # 0 at t = 0, as autograd's relu
+
+
+def _tanh_derivative(t: torch.Tensor) -> torch.Tensor:
+    return 1 - torch.tanh(t) ** 2
+
+
+# name -> (phi, phi')
+_TWO_LAYER_PAIRS = {
+    "relu": (torch.relu, _relu_derivative),
+    "tanh": (torch.tanh, _tanh_derivative),
+}
+
+#: the activations of :func:`two_layer_gd` and :func:`two_layer_ntk`
+TWO_LAYER_ACTIVATIONS = tuple(_TWO_LAYER_PAIRS)
+
+
+def _activation_pair(act) -> tuple:
+    if not isinstance(act, str) or act not in _TWO_LAYER_PAIRS:
+        raise ValueError(f"unknown activation {act!r}; choose one of: "
+                         f"{', '.join(TWO_LAYER_ACTIVATIONS)}")
+    return _TWO_LAYER_PAIRS[act]
+
+
+def _first_layers(W) -> torch.Tensor:
+    if not isinstance(W, torch.Tensor) or W.dim() != 3 or 0 in W.shape \
+            or not W.is_floating_point():
+        what = f"{tuple(W.shape)} {W.dtype}" if isinstance(W, torch.Tensor) else type(W).__name__
+        raise ValueError(f"W must be a floating tensor of first layers (S, m, d), one per copy, "
+                         f"got {what}")
+    return W
+
+
+def _inputs_for(W: torch.Tensor, X) -> torch.Tensor:
+    if not isinstance(X, torch.Tensor) or X.dim() != 2 or len(X) == 0 \
+            or X.shape[1] != W.shape[2] or not X.is_floating_point():
+        what = f"{tuple(X.shape)} {X.dtype}" if isinstance(X, torch.Tensor) else type(X).__name__
+        raise ValueError(f"X must be a floating tensor of inputs (n, d) with d = {W.shape[2]} "
+                         f"(W's last dimension), got {what}")
+    return X
+
+
+def h_infinity(X1: torch.Tensor, X2: torch.Tensor | None = None) -> torch.Tensor:
+    r"""The Gram matrix :math:`H^\infty` of Du, Zhai, Póczos and Singh (2019), "Gradient
+    descent provably optimizes over-parameterized neural networks": the infinite-width
+    kernel of the first layer of :math:`f(x) = \frac{1}{\sqrt m} \sum_r a_r\,
+    \mathrm{relu}(w_r \cdot x)` with :math:`w_r \sim \mathcal{N}(0, I)`,
+
+    .. math:: H^\infty_{ij} = \mathbb{E}_w\big[x_i \cdot x_j\,
+              \mathbb{1}\{w \cdot x_i > 0,\, w \cdot x_j > 0\}\big]
+              = x_i \cdot x_j\, \frac{\pi - \arccos(x_i \cdot x_j)}{2\pi}
+
+    for unit inputs, the limit of :func:`two_layer_ntk` (``act='relu'``) as :math:`m \to
+    \infty`. Orthogonal inputs give 0, equal ones :math:`1/2`. Du et al.'s rate is
+    :math:`\lambda_0 = \lambda_{\min}(H^\infty)`, positive when no two inputs are parallel.
+
+    ``X1`` (N1, d), ``X2`` (N2, d) or ``None`` (``X1``), every row of unit norm (within
+    :math:`\sqrt{\epsilon}` of the dtype); returns (N1, N2) in their dtype. The diagonal is
+    computed like the other entries: :math:`x \cdot x` rounds to :math:`1 - \epsilon`, which
+    the arc cosine turns into an error of order :math:`\sqrt{\epsilon}` (about ``2e-9`` in
+    float64).
+    """
+    X1 = _check_inputs(X1, "X1")
+    X2 = X1 if X2 is None else _check_inputs(X2, "X2")
+    if X1.dim() != 2 or X2.dim() != 2 or X1.shape[1] != X2.shape[1]:
+        raise ValueError(f"X1 and X2 must be 2-D with the same number of columns, got "
+                         f"{tuple(X1.shape)} and {tuple(X2.shape)}")
+    for name, X in (("X1", X1), ("X2", X2)):
+        if not X.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor, got {X.dtype}")
+        off = (X.norm(dim=1) - 1).abs()
+        if not bool((off <= math.sqrt(torch.finfo(X.dtype).eps)).all()):
+            i = int(off.nan_to_num(math.inf).argmax())
+            raise ValueError(f"h_infinity needs unit-norm inputs (Du et al.'s ||x_i|| = 1); "
+                             f"row {i} of {name} has norm {X[i].norm().item():.6g}: use "
+                             f"X / X.norm(dim=1, keepdim=True)")
+    G = (X1 @ X2.T).clamp(-1, 1)
+    return G * (math.pi - torch.arccos(G)) / (2 * math.pi)
+
+
+def two_layer_init(m: int, d: int, seeds: Sequence[int], *, symmetric: bool = False,
+                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""S initializations of Du et al.'s two-layer network :math:`f(x) = \frac{1}{\sqrt m}
+    \sum_{r=1}^m a_r\,\phi(w_r \cdot x)`, one per seed: first layers :math:`w_r \sim
+    \mathcal{N}(0, I_d)` and output signs :math:`a_r` uniform on :math:`\{-1, +1\}`, drawn
+    from :func:`~nnopt_utils.config.generator` ``(seed)``.
+
+    ``symmetric=True`` draws :math:`m/2` units and pairs each :math:`(w_r, a_r)` with
+    :math:`(w_r, -a_r)` (units :math:`r` and :math:`r + m/2`): the output is 0 at
+    initialization (up to the rounding of the sum over units), and the kernel is distributed
+    as that of a network of width :math:`m/2` (Chizat, Oyallon and Bach, 2019).
+
+    Returns ``W`` (S, m, d) and ``a`` (S, m) in ``dtype``, for :func:`two_layer_gd`.
+    """
+    m, d = _positive_int("m", m), _positive_int("d", d)
+    if not isinstance(symmetric, bool):
+        raise ValueError(f"symmetric must be True or False, got {symmetric!r}")
+    if symmetric and m % 2:
+        raise ValueError(f"symmetric=True pairs the units, so m must be even, got {m}")
+    try:
+        seeds = list(seeds)
+    except TypeError:
+        raise ValueError(f"seeds must be a non-empty sequence of ints, got {seeds!r}") from None
+    if not seeds or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
+                            for s in seeds):
+        raise ValueError(f"seeds must be a non-empty sequence of ints, got {seeds!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if symmetric:  # units in pairs (w, a), (w, -a): the output is 0 at initialization
+        W, a = two_layer_init(m // 2, d, seeds, dtype=dtype)
+        return torch.cat([W, W], 1), torch.cat([a, -a], 1)
+    gens = [generator(s) for s in seeds]
+    W = torch.stack([torch.randn(m, d, generator=g, dtype=dtype) for g in gens])
+    a = torch.stack([(torch.randint(2, (m,), generator=g) * 2 - 1).to(dtype) for g in gens])
+    return W, a
+
+
+def two_layer_ntk(W: torch.Tensor, X: torch.Tensor, act: str = "relu") -> torch.Tensor:
+    r"""The empirical kernel of the first layer of :math:`f(x) = \frac{1}{\sqrt m}\sum_r a_r\,
+    \phi(w_r \cdot x)` with signs :math:`a_r = \pm 1` (Du et al.'s :math:`H(W)`):
+
+    .. math:: H(W)_{ij} = \Big\langle \frac{\partial f(x_i)}{\partial W},
+              \frac{\partial f(x_j)}{\partial W} \Big\rangle
+              = \frac{x_i \cdot x_j}{m} \sum_{r=1}^m \phi'(w_r \cdot x_i)\,\phi'(w_r \cdot x_j),
+
+    one matrix per copy. With ReLU and :math:`w_r \sim \mathcal{N}(0, I)` it tends to
+    :func:`h_infinity` as :math:`m \to \infty`, with fluctuations of order
+    :math:`m^{-1/2}`. For an output scale :math:`c` in place of :math:`1/\sqrt m` (as in
+    :func:`two_layer_gd`), the kernel is :math:`c^2 m\, H(W)`.
+
+    ``W`` (S, m, d), ``X`` (n, d); ``act`` a name of :data:`TWO_LAYER_ACTIVATIONS`.
+    Returns (S, n, n), computed in the wider of the two dtypes.
+    """
+    W = _first_layers(W)
+    X = _inputs_for(W, X)
+    _, dphi = _activation_pair(act)
+    dtype = torch.promote_types(W.dtype, X.dtype)
+    W, X = W.to(dtype), X.to(dtype)
+    A = dphi(W @ X.T)  # (S, m, n): phi'(w_r . x_i)
+    return (A.transpose(1, 2) @ A) * (X @ X.T) / W.shape[1]
+
+
+@dataclass
+class TwoLayerRun:
+    r"""The outcome of :func:`two_layer_gd` for S copies.
+
+    ``W``: (S, m, d) final first layers; a diverged copy keeps the iterate at which it
+    diverged, the last one with finite weights. ``loss``: (S, steps + 1), the loss
+    :math:`\frac12\|u(k) - y\|^2` at steps :math:`k = 0, \dots,` ``steps``, NaN from a
+    copy's divergence on. ``diverged``: (S,) bool; ``diverged_at``: (S,) the step at which
+    the loss or the update turned NaN/inf, or -1 (as :class:`~nnopt_utils.train.SweepResult`
+    records it).
+    """
+
+    W: torch.Tensor
+    loss: torch.Tensor
+    diverged: torch.Tensor
+    diverged_at: torch.Tensor
+
+
+def _per_copy(name: str, value, S: int, like: torch.Tensor) -> torch.Tensor:
+    """A positive number, or one per copy, as a tensor of ``like``'s dtype and device."""
+    try:
+        t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    if t is None or isinstance(value, bool) or t.dim() > 1 or t.numel() not in (1, S) \
+            or not bool((torch.isfinite(t) & (t > 0)).all()):
+        raise ValueError(f"{name} must be a positive finite number ({like.dtype}), or one per "
+                         f"copy (S = {S}), got {value!r}")
+    return t
+
+
+def two_layer_gd(W: torch.Tensor, a: torch.Tensor, X: torch.Tensor, y: torch.Tensor,
+                 lr: float | Sequence[float] | torch.Tensor, steps: int, *,
+                 scale: float | Sequence[float] | torch.Tensor | None = None, act: str = "relu",
+                 center: bool = False) -> TwoLayerRun:
+    r"""Full-batch gradient descent on the first layer of :math:`S` two-layer networks at
+    once, as in Du, Zhai, Póczos and Singh (2019): for copy :math:`s`,
+
+    .. math:: u(x) = c_s \sum_{r=1}^m a_r\,\phi(w_r \cdot x),\qquad
+              W \leftarrow W - \eta_s \nabla_W \tfrac12 \|u - y\|^2,\qquad
+              \nabla_{w_r} = c_s\, a_r \sum_i (u_i - y_i)\, \phi'(w_r \cdot x_i)\, x_i,
+
+    with the signs :math:`a_r` fixed. The default scale :math:`c = 1/\sqrt m` is Du et al.'s
+    (the NTK parametrization); :math:`c = \alpha/m` is the lazy-training family of Chizat,
+    Oyallon and Bach (2019), with :math:`\alpha = 1` the mean-field scaling.
+
+    A copy whose loss or update turns NaN/inf is frozen and flagged, as in
+    :func:`~nnopt_utils.train.sweep`; the others go on.
+
+    Parameters
+    ----------
+    W, a
+        First layers (S, m, d) and output weights (S, m), e.g. from :func:`two_layer_init`;
+        ``W`` is not modified.
+    X, y
+        Inputs (n, d) and targets (n,) (or (S, n), one set per copy), in ``W``'s dtype.
+    lr, scale
+        The step :math:`\eta` and the output scale :math:`c`: a positive number, or one per
+        copy (a sequence or tensor of length S); ``scale=None`` is :math:`1/\sqrt m`.
+    steps
+        Number of updates (0: only the loss at initialization).
+    act
+        A name of :data:`TWO_LAYER_ACTIVATIONS` (``'relu'``, ``'tanh'``).
+    center
+        Subtract the output at initialization, :math:`u(x) - u_0(x)`, so that training starts
+        from :math:`u = 0` (Chizat et al.'s centering; the gradient is unchanged).
+
+    Returns
+    -------
+    TwoLayerRun
+        The final weights, the loss at every step, and the divergence flags.
+    """
+    W, a, X, y, lr, scale = _two_layer_args(W, a, X, y, lr, steps, scale, center)
+    phi, dphi = _activation_pair(act)
+    s = a[..., None] * scale.reshape(-1, 1, 1)  # c_s a_r, (S, m, 1)
+    lr = lr.reshape(-1, 1, 1)
+    u0 = (phi(W @ X.T) * s).sum(1) if center else 0
+    alive = torch.ones(len(W), dtype=torch.bool, device=W.device)
+    diverged_at = torch.full((len(W),), -1, dtype=torch.long, device=W.device)
+    losses = []
+    for k in range(steps + 1):
+        pre = W @ X.T  # (S, m, n)
+        r = (phi(pre) * s).sum(1) - u0 - y  # residuals (S, n)
+        loss = 0.5 * (r * r).sum(1)
+        ok = torch.isfinite(loss)
+        if k < steps:
+            new = W - lr * s * ((dphi(pre) * r[:, None]) @ X)
+            ok &= torch.isfinite(new.abs().amax((1, 2)))  # amax keeps a NaN
+        diverged_at = torch.where(alive & ~ok, k, diverged_at)
+        alive &= ok  # a diverged copy stays at its last finite iterate
+        losses.append(torch.where(alive, loss, math.nan))
+        if k < steps:
+            W = torch.where(alive[:, None, None], new, W)
+    return TwoLayerRun(W, torch.stack(losses, 1), diverged_at >= 0, diverged_at)
+
+
+def _two_layer_args(W, a, X, y, lr, steps, scale, center):
+    """:func:`two_layer_gd`'s arguments, checked; ``lr`` and ``scale`` as tensors."""
+    W = _first_layers(W)
+    S, m, _ = W.shape
+    X = _inputs_for(W, X)
+    if not isinstance(a, torch.Tensor) or a.shape != (S, m):
+        what = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+        raise ValueError(f"a must be a tensor of output weights (S, m) = {(S, m)}, got {what}")
+    if not isinstance(y, torch.Tensor) or y.shape not in ((len(X),), (S, len(X))):
+        what = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"y must be a tensor of targets (n,) = {(len(X),)} or (S, n) = "
+                         f"{(S, len(X))}, got {what}")
+    for name, t in (("X", X), ("a", a), ("y", y)):
+        if t.dtype != W.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype}, W {W.dtype}; they must match "
+                             f"(cast with .to(W.dtype))")
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    if not isinstance(center, bool):
+        raise ValueError(f"center must be True or False, got {center!r}")
+    lr = _per_copy("lr", lr, S, W)
+    scale = _per_copy("scale", m ** -0.5 if scale is None else scale, S, W)
+    return W, a, X, y, lr, scale
