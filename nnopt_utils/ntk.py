@@ -480,17 +480,20 @@ def h_infinity(X1: torch.Tensor, X2: torch.Tensor | None = None) -> torch.Tensor
 
     .. math:: H^\infty_{ij} = \mathbb{E}_w\big[x_i \cdot x_j\,
               \mathbb{1}\{w \cdot x_i > 0,\, w \cdot x_j > 0\}\big]
-              = x_i \cdot x_j\, \frac{\pi - \arccos(x_i \cdot x_j)}{2\pi}
+              = x_i \cdot x_j\, \frac{\pi - \theta_{ij}}{2\pi},
 
-    for unit inputs, the limit of :func:`two_layer_ntk` (``act='relu'``) as :math:`m \to
-    \infty`. Orthogonal inputs give 0, equal ones :math:`1/2`. Du et al.'s rate is
-    :math:`\lambda_0 = \lambda_{\min}(H^\infty)`, positive when no two inputs are parallel.
+    with :math:`\theta_{ij}` the angle between :math:`x_i` and :math:`x_j`: the limit of
+    :func:`two_layer_ntk` (``act='relu'``) as :math:`m \to \infty`. Du et al. take unit
+    inputs, where orthogonal inputs give 0 and equal ones :math:`1/2`; the formula holds for
+    any inputs (a zero row gives a zero row). The smallest eigenvalue
+    :math:`\lambda_0 = \lambda_{\min}(H^\infty)`, positive when no two inputs are
+    parallel, sets Du et al.'s rate :math:`1 - \eta\lambda_0/2`.
 
-    ``X1`` (N1, d), ``X2`` (N2, d) or ``None`` (``X1``), every row of unit norm (within
-    :math:`\sqrt{\epsilon}` of the dtype); returns (N1, N2) in their dtype. The diagonal is
-    computed like the other entries: :math:`x \cdot x` rounds to :math:`1 - \epsilon`, which
-    the arc cosine turns into an error of order :math:`\sqrt{\epsilon}` (about ``2e-9`` in
-    float64).
+    ``X1`` (N1, d), ``X2`` (N2, d) or ``None`` (``X1``), of one floating dtype; returns
+    (N1, N2) in it. The angle is computed as :math:`2\operatorname{atan2}(\|\hat x_i -
+    \hat x_j\|, \|\hat x_i + \hat x_j\|)` from the normalized rows, accurate near 0 and
+    :math:`\pi` (exactly 0 on the diagonal), where :math:`\arccos(\hat x_i \cdot \hat x_j)`
+    loses half the digits.
     """
     X1 = _check_inputs(X1, "X1")
     X2 = X1 if X2 is None else _check_inputs(X2, "X2")
@@ -500,14 +503,15 @@ def h_infinity(X1: torch.Tensor, X2: torch.Tensor | None = None) -> torch.Tensor
     for name, X in (("X1", X1), ("X2", X2)):
         if not X.is_floating_point():
             raise ValueError(f"{name} must be a floating tensor, got {X.dtype}")
-        off = (X.norm(dim=1) - 1).abs()
-        if not bool((off <= math.sqrt(torch.finfo(X.dtype).eps)).all()):
-            i = int(off.nan_to_num(math.inf).argmax())
-            raise ValueError(f"h_infinity needs unit-norm inputs (Du et al.'s ||x_i|| = 1); "
-                             f"row {i} of {name} has norm {X[i].norm().item():.6g}: use "
-                             f"X / X.norm(dim=1, keepdim=True)")
-    G = (X1 @ X2.T).clamp(-1, 1)
-    return G * (math.pi - torch.arccos(G)) / (2 * math.pi)
+    if X1.dtype != X2.dtype or X1.device != X2.device:
+        raise ValueError(f"X1 and X2 must have one dtype and device, got {X1.dtype} on "
+                         f"{X1.device} and {X2.dtype} on {X2.device}")
+    U1 = X1 / X1.norm(dim=1, keepdim=True).clamp_min(torch.finfo(X1.dtype).tiny)
+    U2 = X2 / X2.norm(dim=1, keepdim=True).clamp_min(torch.finfo(X2.dtype).tiny)
+    exact = "donot_use_mm_for_euclid_dist"  # direct differences: no cancellation
+    theta = 2 * torch.atan2(torch.cdist(U1, U2, compute_mode=exact),
+                            torch.cdist(U1, -U2, compute_mode=exact))
+    return (X1 @ X2.T) * (math.pi - theta) / (2 * math.pi)
 
 
 def two_layer_init(m: int, d: int, seeds: Sequence[int], *, symmetric: bool = False,
@@ -579,9 +583,9 @@ class TwoLayerRun:
     ``W``: (S, m, d) final first layers; a diverged copy keeps the iterate at which it
     diverged, the last one with finite weights. ``loss``: (S, steps + 1), the loss
     :math:`\frac12\|u(k) - y\|^2` at steps :math:`k = 0, \dots,` ``steps``, NaN from a
-    copy's divergence on. ``diverged``: (S,) bool; ``diverged_at``: (S,) the step at which
-    the loss or the update turned NaN/inf, or -1 (as :class:`~nnopt_utils.train.SweepResult`
-    records it).
+    copy's divergence on. ``diverged``: (S,) bool; ``diverged_at``: (S,) the first step whose
+    loss is NaN/inf (for an update that overflows, the step after it), or -1, as
+    :class:`~nnopt_utils.train.SweepResult` records it.
     """
 
     W: torch.Tensor
@@ -646,24 +650,28 @@ def two_layer_gd(W: torch.Tensor, a: torch.Tensor, X: torch.Tensor, y: torch.Ten
     """
     W, a, X, y, lr, scale = _two_layer_args(W, a, X, y, lr, steps, scale, center)
     phi, dphi = _activation_pair(act)
-    s = a[..., None] * scale.reshape(-1, 1, 1)  # c_s a_r, (S, m, 1)
-    lr = lr.reshape(-1, 1, 1)
-    u0 = (phi(W @ X.T) * s).sum(1) if center else 0
-    alive = torch.ones(len(W), dtype=torch.bool, device=W.device)
-    diverged_at = torch.full((len(W),), -1, dtype=torch.long, device=W.device)
-    losses = []
-    for k in range(steps + 1):
-        pre = W @ X.T  # (S, m, n)
-        r = (phi(pre) * s).sum(1) - u0 - y  # residuals (S, n)
-        loss = 0.5 * (r * r).sum(1)
-        ok = torch.isfinite(loss)
-        if k < steps:
+    with torch.no_grad():  # explicit gradients: no graph through the steps
+        s = a[..., None] * scale.reshape(-1, 1, 1)  # c_s a_r, (S, m, 1)
+        lr = lr.reshape(-1, 1, 1)
+        u0 = (phi(W @ X.T) * s).sum(1) if center else 0
+        alive = torch.ones(len(W), dtype=torch.bool, device=W.device)
+        diverged_at = torch.full((len(W),), -1, dtype=torch.long, device=W.device)
+        losses = []
+        for k in range(steps + 1):
+            pre = W @ X.T  # (S, m, n)
+            r = (phi(pre) * s).sum(1) - u0 - y  # residuals (S, n)
+            loss = 0.5 * (r * r).sum(1)
+            diverged_at = torch.where(alive & ~torch.isfinite(loss), k, diverged_at)
+            alive &= torch.isfinite(loss)
+            losses.append(torch.where(alive, loss, math.nan))
+            if k == steps:
+                break
             new = W - lr * s * ((dphi(pre) * r[:, None]) @ X)
-            ok &= torch.isfinite(new.abs().amax((1, 2)))  # amax keeps a NaN
-        diverged_at = torch.where(alive & ~ok, k, diverged_at)
-        alive &= ok  # a diverged copy stays at its last finite iterate
-        losses.append(torch.where(alive, loss, math.nan))
-        if k < steps:
+            # an update that overflows gives a non-finite loss at step k + 1, as in sweep;
+            # the copy keeps W_k, its last finite iterate
+            finite = torch.isfinite(new.abs().amax((1, 2)))  # amax keeps a NaN
+            diverged_at = torch.where(alive & ~finite, k + 1, diverged_at)
+            alive &= finite
             W = torch.where(alive[:, None, None], new, W)
     return TwoLayerRun(W, torch.stack(losses, 1), diverged_at >= 0, diverged_at)
 
@@ -684,6 +692,9 @@ def _two_layer_args(W, a, X, y, lr, steps, scale, center):
         if t.dtype != W.dtype:
             raise ValueError(f"{name} has dtype {t.dtype}, W {W.dtype}; they must match "
                              f"(cast with .to(W.dtype))")
+        if t.device != W.device:
+            raise ValueError(f"{name} is on {t.device}, W on {W.device}; they must match "
+                             f"(move with .to(W.device))")
     if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
     if not isinstance(center, bool):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 import sys
@@ -130,8 +131,9 @@ def _markdown_cell(value) -> str:
     """``value`` as the text of one Markdown table cell: one line, every character that
     Markdown, MyST or HTML would read as markup escaped, and no list or heading start."""
     text = " ".join(str(value).split())
-    text = re.sub(r"([\\`*_{}\[\]<>()#+!|$~^])", r"\\\1", text)
-    text = re.sub(r"^([-=])", r"\\\1", text)  # "- x" is not a list
+    text = re.sub(r"([\\`*_{}\[\]<>()#+!|$~^&])", r"\\\1", text)  # & : no HTML entity
+    # at the start of a cell: no list ("- x"), comment ("% x") or fence (":::")
+    text = re.sub(r"^([-=%:])", r"\\\1", text)
     return re.sub(r"^(\d+)([.)])", r"\1\\\2", text)  # "1. Intro" is not an ordered list
 
 
@@ -165,15 +167,20 @@ def markdown_table(frame: "pd.DataFrame", widths: Sequence[int] | None = None) -
     table stays within the page.
     """
     columns = [str(c) for c in frame.columns]
+    if not columns:
+        raise ValueError("the frame has no columns: a table needs at least one")
     if widths is None:
         widths = _column_widths(frame)
-    widths = [int(w) for w in widths]
-    if len(widths) != len(columns) or min(widths, default=1) < 1:
+    widths = list(widths)
+    if len(widths) != len(columns) or not all(
+            isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 1
+            for w in widths):
         raise ValueError(f"widths must be {len(columns)} positive integers, one per column "
                          f"{columns}; got {widths}")
     lines = ["```{list-table}", ":header-rows: 1", ":widths: " + " ".join(map(str, widths)),
              ""]
-    for row in [columns, *frame.itertuples(index=False)]:
+    rows = list(frame.itertuples(index=False)) or [[""] * len(columns)]  # a body is required
+    for row in [columns, *rows]:
         cells = [_markdown_cell(v) for v in row]
         lines += [f"* - {cells[0]}".rstrip()] + [f"  - {c}".rstrip() for c in cells[1:]]
     return "\n".join(lines + ["```"])

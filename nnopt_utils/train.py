@@ -603,7 +603,9 @@ def sweep(
     every copy sees the same mini-batches, and per-tensor norms (LARS, LAMB) are taken per
     copy.
 
-    A copy whose loss or gradient turns NaN/inf is frozen and flagged; the others go on. The
+    A copy whose loss or gradient turns NaN/inf is frozen and flagged; the others go on (an
+    update that overflows shows as a non-finite loss at the next step, as in :func:`fit`, and
+    the copy keeps the parameters that update left). The
     last update is checked as :func:`fit` checks it: a copy with non-finite parameters, or
     (with ``eval_every``) a non-finite final training loss, is flagged as diverged at step
     ``steps``. ``configs[i]`` holds copy ``i``'s ``seed``, ``lr`` and grid values.

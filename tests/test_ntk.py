@@ -241,6 +241,15 @@ def test_h_infinity_exact_values_at_known_angles():
     # exactly 0 for orthogonal axes, 1/2 for an axis with itself
     E = torch.eye(4, dtype=torch.float64)
     assert torch.equal(ntk.h_infinity(E), 0.5 * E)
+    # the diagonal to rounding (arccos(x.x) would give errors of sqrt(eps): 1e-8, 1e-4)
+    for dtype, tol in ((torch.float64, 1e-15), (torch.float32, 1e-6)):
+        S = _sphere(50, 30).to(dtype)
+        assert (ntk.h_infinity(S).diagonal() - 0.5).abs().max() < tol, dtype
+    # any norms: E[x.x' 1{w.x > 0, w.x' > 0}] scales with both norms; a zero row gives 0
+    X = _sphere(4, 3)
+    c = torch.tensor([1.0, 2.0, 0.5, 0.0], dtype=torch.float64)[:, None]
+    assert torch.allclose(ntk.h_infinity(c * X), c * ntk.h_infinity(X) * c.T, rtol=1e-13,
+                          atol=1e-16)
     # X2: the cross block of the full matrix (to rounding: the products are blocked apart)
     X = _sphere(7, 5)
     assert torch.allclose(ntk.h_infinity(X[:3], X[3:]), ntk.h_infinity(X)[:3, 3:],
@@ -409,11 +418,16 @@ def test_two_layer_gd_flags_divergence_and_spares_the_other_copies():
     # the frozen copy is the iterate of step k: rerunning k - 1... k steps reproduces it
     again = ntk.two_layer_gd(W[1:], a[1:], X, y, 1e6, k)
     assert torch.equal(again.W[0], run.W[1])
-    # an update that overflows while the loss is still finite is caught at that step, and
-    # the copy keeps its finite weights (rejects checking the loss alone: W would be inf)
+    # an update that overflows while the loss is still finite: the loss at step 0 is kept,
+    # divergence is at step 1 (as sweep records it), and the copy keeps its finite weights
+    # (rejects checking the loss alone: W would be inf)
     over = ntk.two_layer_gd(W, a, X, 1e3 * y, torch.tensor([1e-6, 3e37]), 3)
-    assert over.diverged_at.tolist() == [-1, 0] and torch.equal(over.W[1], W[1])
-    assert over.loss[1].isnan().all() and torch.isfinite(over.loss[0]).all()
+    assert over.diverged_at.tolist() == [-1, 1] and torch.equal(over.W[1], W[1])
+    assert torch.isfinite(over.loss[1, 0]) and over.loss[1, 1:].isnan().all()
+    assert torch.isfinite(over.loss[0]).all()
+    # no autograd graph through the steps, even for weights that require gradients
+    graded = ntk.two_layer_gd(W.clone().requires_grad_(), a, X, y, 0.1, 3)
+    assert graded.W.grad_fn is None and graded.loss.grad_fn is None
     # steps = 0: only the initial loss, weights untouched
     zero = ntk.two_layer_gd(W, a, X, y, 0.1, 0)
     assert zero.loss.shape == (2, 1) and torch.equal(zero.W, W)
@@ -468,9 +482,11 @@ def test_two_layer_bad_input():
         ntk.two_layer_init(0, 3, [0])
     with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
         ntk.two_layer_init(4, 3, [0], dtype=torch.int64)
-    with pytest.raises(ValueError, match=r"h_infinity needs unit-norm inputs .* row 1 of X1 has "
-                                         r"norm 2"):
-        ntk.h_infinity(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    with pytest.raises(ValueError, match="X1 and X2 must have one dtype and device, got "
+                                         "torch.float32 on cpu and torch.float64"):
+        ntk.h_infinity(_sphere(3, 3).float(), _sphere(3, 3))
+    with pytest.raises(ValueError, match="X is on meta, W on cpu; they must match"):
+        ntk.two_layer_gd(W, a, X.to("meta"), y, 0.1, 1)
     with pytest.raises(ValueError, match="X1 must be a floating tensor, got torch.int64"):
         ntk.h_infinity(torch.eye(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="must be 2-D with the same number of columns"):

@@ -1,7 +1,11 @@
+from pathlib import Path
+
 import pytest
 
 import nnopt_utils as nu
 from nnopt_utils.report import fmt
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_claims_assert_and_table():
@@ -101,38 +105,52 @@ def test_claims_index_reads_executed_chapters(tmp_path, as_book_build):
 
 
 def _parse_myst(text):
-    """The docutils tree of ``text`` as MyST (the book's parser for Markdown outputs)."""
+    """The docutils tree of ``text`` parsed as the book parses Markdown outputs: MyST with
+    the extensions of ``_config.yml`` (dollar math, colon fences, ...)."""
     import docutils.core
 
+    import yaml
+
     parser = pytest.importorskip("myst_parser.parsers.docutils_").Parser()
-    return docutils.core.publish_doctree(text, parser=parser,
-                                         settings_overrides={"report_level": 2, "halt_level": 2})
+    config = ROOT / "_config.yml"
+    if not config.exists():  # the installed-package test has no book sources
+        pytest.skip("needs the book's _config.yml")
+    extensions = yaml.safe_load(config.read_text())["parse"]["myst_enable_extensions"]
+    settings = {"report_level": 2, "halt_level": 2, "myst_enable_extensions": extensions}
+    return docutils.core.publish_doctree(text, parser=parser, settings_overrides=settings)
 
 
 def test_markdown_table_is_a_list_table_with_every_cell_escaped():
     import pandas as pd
     from docutils import nodes
 
-    raw = ["1. a | b, $x$ <i>y</i> *z*", "- not a list", "{cite}`k` \\alpha", ""]
-    frame = pd.DataFrame({"claim": raw[:2], "value": raw[2:]})
+    raw = ["1. a | b, $x$ <i>y</i> *z*", "- not a list", "% not a comment",
+           "{cite}`k` \\alpha $$y$$", "", "::: not a fence &amp; &alpha;"]
+    frame = pd.DataFrame({"claim": raw[:3], "value": raw[3:]})
     text = nu.report.markdown_table(frame)
     assert text.startswith("```{list-table}") and ":header-rows: 1" in text
     tree = _parse_myst(text)
     (table,) = tree.findall(nodes.table)
     rows = [[entry.astext() for entry in row.findall(nodes.entry)]
             for row in table.findall(nodes.row)]
-    assert rows == [["claim", "value"], [raw[0], raw[2]], [raw[1], raw[3]]]
+    assert rows == [["claim", "value"], [raw[0], raw[3]], [raw[1], raw[4]], [raw[2], raw[5]]]
     for markup in (nodes.emphasis, nodes.strong, nodes.literal, nodes.math, nodes.raw,
                    nodes.enumerated_list, nodes.bullet_list, nodes.reference, nodes.problematic):
         assert not list(table.findall(markup)), markup
     # the widths follow the cells (length + 3 of padding) when they fit in a line
-    assert [c["colwidth"] for c in table.findall(nodes.colspec)] == [29, 19]
+    assert [c["colwidth"] for c in table.findall(nodes.colspec)] == [29, 32]
     given = _parse_myst(nu.report.markdown_table(frame, widths=[3, 1]))
     assert [c["colwidth"] for c in given.findall(nodes.colspec)] == [3, 1]
     with pytest.raises(ValueError, match=r"2 positive integers.*got \[3\]"):
         nu.report.markdown_table(frame, widths=[3])
-    with pytest.raises(ValueError, match="positive"):
-        nu.report.markdown_table(frame, widths=[3, 0])
+    for bad in ([3, 0], [2.9, 1], [True, 1]):
+        with pytest.raises(ValueError, match="positive integers"):
+            nu.report.markdown_table(frame, widths=bad)
+    # no rows: a body row of empty cells (docutils needs one); no columns: a clear error
+    empty = _parse_myst(nu.report.markdown_table(frame.iloc[:0]))
+    assert len(list(empty.findall(nodes.row))) == 2
+    with pytest.raises(ValueError, match="no columns"):
+        nu.report.markdown_table(pd.DataFrame())
     table = nu.report.Claims("t")
     table.check("c", 1, True)
     shown = table.table()
