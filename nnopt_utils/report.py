@@ -153,9 +153,11 @@ def _column_widths(frame: "pd.DataFrame", line: int = 90) -> list[int]:
         word = max((len(w) for c in cells for w in c.split()), default=0)
         need.append(max(len(str(name)), min(word, 12), 1) + 3)
         want.append(max(need[-1], min(typical, 60) + 3))
-    spare, extra = line - sum(need), sum(w - n for w, n in zip(want, need))
-    if sum(want) <= line or spare <= 0 or extra == 0:
-        return want if sum(want) <= line else need
+    if sum(want) <= line:
+        return want
+    spare, extra = line - sum(need), sum(w - n for w, n in zip(want, need))  # extra > 0 here
+    if spare <= 0:
+        return need
     return [n + round(spare * (w - n) / extra) for w, n in zip(want, need)]
 
 
