@@ -580,12 +580,13 @@ def two_layer_ntk(W: torch.Tensor, X: torch.Tensor, act: str = "relu") -> torch.
 class TwoLayerRun:
     r"""The outcome of :func:`two_layer_gd` for S copies.
 
-    ``W``: (S, m, d) final first layers; a diverged copy keeps the iterate at which it
-    diverged, the last one with finite weights. ``loss``: (S, steps + 1), the loss
+    ``W``: (S, m, d) final first layers; a diverged copy keeps its last finite iterate: the
+    weights of step ``diverged_at`` when the loss turned NaN/inf, of step
+    ``diverged_at - 1`` when the update overflowed. ``loss``: (S, steps + 1), the loss
     :math:`\frac12\|u(k) - y\|^2` at steps :math:`k = 0, \dots,` ``steps``, NaN from a
     copy's divergence on. ``diverged``: (S,) bool; ``diverged_at``: (S,) the first step whose
-    loss is NaN/inf (for an update that overflows, the step after it), or -1, as
-    :class:`~nnopt_utils.train.SweepResult` records it.
+    loss is NaN/inf (for an update that overflows, or a gradient that does, the step after
+    it, where :func:`~nnopt_utils.train.sweep` would see the non-finite loss), or -1.
     """
 
     W: torch.Tensor
